@@ -22,13 +22,24 @@ LLAMA_VARIANTS = {
     "v1_linear": dict(rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0}),
     # grouped-query attention (DeepSeek-Coder 33B style)
     "gqa": dict(rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0}, num_key_value_heads=2),
+    # dynamic NTK with a short table, so that decoding runs past it and the frequencies change per step
+    "dynamic": dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32),
+    # YaRN (cos / sin scaled by its attention factor) beyond a 32-token original context
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                 max_position_embeddings=128),
 }
 
 
-def make_tiny_llama(path: str, seed: int = 0, **overrides) -> str:
-    """Save a tiny random HF LlamaForCausalLM (safetensors + config.json) under ``path``."""
+def make_tiny_llama(path: str, seed: int = 0, sharp: bool = True, **overrides) -> str:
+    """Save a tiny random HF LlamaForCausalLM (safetensors + config.json) under ``path``.
+
+    ``sharp`` (default) re-initialises it with :func:`sharp_models.sharpen` (peaked attention, unit
+    scale activations); otherwise HF's init with perturbed norm weights (a swapped norm would show).
+    """
     import torch
     import transformers
+
+    from sharp_models import sharpen
 
     torch.manual_seed(seed)
     kwargs = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -36,11 +47,13 @@ def make_tiny_llama(path: str, seed: int = 0, **overrides) -> str:
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     kwargs.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
-    # random init leaves norms at 1; perturb them so a swapped norm weight would show
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    if sharp:
+        sharpen(model)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -51,13 +51,15 @@ def hf_config_dict(variant: str) -> dict:
     return cfg
 
 
-def make_tiny_deepseek2(path: str, variant: str, seed: int = 0) -> dict:
+def make_tiny_deepseek2(path: str, variant: str, seed: int = 0, sharp: bool = True) -> dict:
     """Save a tiny random DeepSeek-V2 checkpoint (model.safetensors + config.json) under ``path``.
 
-    Returns its state dict (torch tensors). The weights come from HF's DeepseekV2ForCausalLM;
-    norm weights are perturbed (a swapped norm would show) and the router weights scaled up so that
-    expert choices are decisive rather than near-ties between float rounding orders. Layers that
-    ``moe_layer_freq`` makes dense in DeepSeek's own code (HF ignores it) get a dense MLP.
+    Returns its state dict (torch tensors). The weights come from HF's DeepseekV2ForCausalLM.
+    ``sharp`` (default) re-initialises it with :func:`sharp_models.sharpen` (peaked attention, unit
+    scale activations, decisive routers); otherwise HF's init with norm weights perturbed (a swapped
+    norm would show) and router weights N(0, 1) so that expert choices are decisive rather than
+    near-ties between float rounding orders. Layers that ``moe_layer_freq`` makes dense in
+    DeepSeek's own code (HF ignores it) get a dense MLP.
     """
     import os
 
@@ -69,12 +71,17 @@ def make_tiny_deepseek2(path: str, variant: str, seed: int = 0) -> dict:
     cfg = hf_config_dict(variant)
     config = transformers.DeepseekV2Config(**cfg)
     model = transformers.DeepseekV2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0)
+    if sharp:
+        from sharp_models import sharpen
+
+        sharpen(model)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+                if name.endswith("mlp.gate.weight"):
+                    p.normal_(0.0, 1.0)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     for i in range(cfg["num_hidden_layers"]):
@@ -84,7 +91,7 @@ def make_tiny_deepseek2(path: str, variant: str, seed: int = 0) -> dict:
                 del state[key]
             for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
                                 ("down_proj", (hidden, inter))):
-                state[f"{prefix}{name}.weight"] = torch.randn(shape) * 0.02
+                state[f"{prefix}{name}.weight"] = torch.randn(shape) * (shape[1] ** -0.5 if sharp else 0.02)
     os.makedirs(path, exist_ok=True)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(path)

@@ -14,8 +14,10 @@ import torch
 
 import mindspore as ms
 from mindformers_ext import load_hf_model
+from decode_steps import STEPS, TOLERANCE, generate_with_logits, max_step_error
 from deepseek2_reference import (HF_NATIVE, VARIANTS, aux_loss, cross_entropy, make_tiny_deepseek2,
                                  one_torch_thread, reference_forward, reference_greedy, route)
+from sharp_models import assert_sharp
 from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
 
 NEW_TOKENS = 32
@@ -33,7 +35,9 @@ def tiny(tmp_path_factory):
         state = make_tiny_deepseek2(path, variant, seed=i)
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        hf = transformers.DeepseekV2ForCausalLM.from_pretrained(path).eval() if variant in HF_NATIVE else None
+        hf = transformers.DeepseekV2ForCausalLM.from_pretrained(path).eval()
+        assert_sharp(hf)  # HF's scores lack YaRN's softmax correction, close enough to measure sharpness
+        hf = hf if variant in HF_NATIVE else None
         out[variant] = (load_hf_model(path, use_past=True), state, cfg, hf)
     return out
 
@@ -112,6 +116,18 @@ def test_greedy_matches(tiny, variant, use_past):
     prompt = _prompts([9], seed=2)[0]
     got = ours.generate([prompt], max_new_tokens=NEW_TOKENS, do_sample=False, use_past=use_past, eos_token_id=[])
     assert got[0].tolist() == _expected_greedy(tiny[variant], prompt)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_step_logits_match_reference(tiny, variant):
+    """Every step of the cached decode (absorbed MLA over the latent cache, MoE expert gather) for a
+    left-padded batch of three prompt lengths: logits equal DeepSeek's formulas (the reference, equal
+    to HF where HF is right) on each row's own sequence; YaRN variants decode to 60 > 16 positions."""
+    ours, state, cfg, _ = tiny[variant]
+    prompts = _prompts([5, 12, 9], seed=7)
+    sequences, logits = generate_with_logits(ours, prompts)
+    error = max_step_error(prompts, sequences, logits, lambda ids: reference_forward(state, cfg, ids))
+    assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
 def test_left_padded_batch_matches_single_prompts(tiny):

@@ -97,3 +97,42 @@ def test_bad_sampling_values_are_rejected(model):
         model.generate([PROMPTS[0]], max_new_tokens=2, do_sample=True, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         model.generate([PROMPTS[0]], max_new_tokens=2, do_sample=True, temperature=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2),
+    dict(do_sample=True, temperature=1.6, top_k=0, top_p=1.0),  # explicit: the config default top_k is 50
+    dict(do_sample=False, repetition_penalty=0.8),
+])
+def test_generate_scores_are_hf_processors_of_its_logits(model, kwargs):
+    """generate's ``scores`` at every step equal HF's processors and warpers applied to its raw
+    ``logits`` with the ids so far (so a dropped temperature or penalty shows), and each chosen token
+    is allowed by them (the argmax when greedy)."""
+    import torch
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if kwargs.get("repetition_penalty", 1.0) != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
+    if kwargs["do_sample"]:
+        processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
+        if kwargs.get("top_k"):
+            processors.append(TopKLogitsWarper(kwargs["top_k"]))
+        if kwargs.get("top_p", 1.0) < 1.0:
+            processors.append(TopPLogitsWarper(kwargs["top_p"]))
+    prompts = [PROMPTS[0], PROMPTS[0][:3] + [44]]  # one length: HF's histories are rectangular
+    out = model.generate(prompts, max_new_tokens=10, eos_token_id=[], seed=5, return_dict_in_generate=True,
+                         output_logits=True, output_scores=True, **kwargs)
+    assert len(out["logits"]) == len(out["scores"]) == 10
+    seqs = np.stack(out["sequences"])
+    for step, (logits, scores) in enumerate(zip(out["logits"], out["scores"])):
+        history = torch.tensor(seqs[:, :len(prompts[0]) + step], dtype=torch.long)
+        expected = processors(history, torch.tensor(logits)).numpy()
+        assert np.array_equal(np.isneginf(scores), np.isneginf(expected))
+        finite = np.isfinite(expected)
+        assert np.abs(scores[finite] - expected[finite]).max() <= 1e-6
+        chosen = seqs[:, len(prompts[0]) + step]
+        assert np.isfinite(expected[np.arange(len(prompts)), chosen]).all()
+        if not kwargs["do_sample"]:
+            assert (chosen == expected.argmax(-1)).all()

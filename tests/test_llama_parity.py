@@ -5,8 +5,10 @@ import torch
 import transformers
 
 import mindspore as ms
+from decode_steps import STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, max_step_error
 from mindformers_ext import load_hf_model
 from research.deepseek1_5 import DeepSeekCoderForCausalLM
+from sharp_models import assert_sharp
 
 NEW_TOKENS = 40
 
@@ -18,6 +20,7 @@ def pairs(tiny_llama_dirs):
     for name, path in tiny_llama_dirs.items():
         ours = load_hf_model(path, use_past=True)
         ref = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        assert_sharp(ref)
         out[name] = (ours, ref)
     return out
 
@@ -44,6 +47,23 @@ def test_logits_match_hf(pairs, variant):
         expected = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["v1_5", "v1_linear", "gqa", "dynamic", "yarn"])
+def test_decode_step_logits_match_hf(pairs, variant):
+    """Every cached decode step's logits, for a left-padded batch of three prompt lengths, equal HF's
+    on each row's own sequence (dynamic NTK: HF's own cached decode of the same batch, since its
+    frequencies follow the longest position of each call; the table is 32 long, decoding reaches 60)."""
+    ours, ref = pairs[variant]
+    prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
+    sequences, logits = generate_with_logits(ours, prompts)
+    if variant == "dynamic":
+        error = float(np.abs(logits - hf_cached_batch_logits(ref, prompts, sequences)).max())
+    else:
+        with torch.no_grad():
+            error = max_step_error(prompts, sequences, logits,
+                                   lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
 @pytest.mark.parametrize("use_past", [True, False])

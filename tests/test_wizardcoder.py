@@ -10,6 +10,8 @@ import transformers
 import mindspore as ms
 from mindformers_ext import load_hf_model
 from research.wizardcoder import WizardCoderConfig, WizardCoderForCausalLM
+from decode_steps import STEPS, TOLERANCE, generate_with_logits, max_step_error
+from sharp_models import assert_sharp
 from wizardcoder_util import REPO, make_tiny_bigcode
 
 NEW_TOKENS = 40
@@ -30,6 +32,7 @@ def pairs(tmp_path_factory):
         path = make_tiny_bigcode(str(root / name), seed=i, **kwargs)
         ours = load_hf_model(path, use_past=True)
         ref = transformers.GPTBigCodeForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        assert_sharp(ref)
         out[name] = (ours, ref)
     return out
 
@@ -57,6 +60,18 @@ def test_logits_match_hf(pairs, variant):
         expected = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_step_logits_match_hf(pairs, variant):
+    """Every cached decode step (MQA: one shared K/V head in the cache; MHA) for a left-padded batch of
+    three prompt lengths: logits equal HF's on each row's own sequence."""
+    ours, ref = pairs[variant]
+    prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
+    sequences, logits = generate_with_logits(ours, prompts)
+    with torch.no_grad():
+        error = max_step_error(prompts, sequences, logits, lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
 @pytest.mark.parametrize("use_past", [True, False])

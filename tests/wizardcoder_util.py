@@ -7,22 +7,28 @@ TINY = dict(vocab_size=160, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positi
 
 
 def make_tiny_bigcode(path: str, seed: int = 0, multi_query: bool = True, activation_function: str = "gelu",
-                      **overrides) -> str:
+                      sharp: bool = True, **overrides) -> str:
     """Save a tiny random HF GPTBigCodeForCausalLM (safetensors + config.json) under ``path``.
 
-    LayerNorm weights and every bias are perturbed (HF initialises them to 1 / 0), so a swapped or
-    dropped one shows in the logits.
+    ``sharp`` (default) re-initialises it with :func:`sharp_models.sharpen` (peaked attention, unit
+    scale activations, LayerNorm weights and biases away from 1 / 0); otherwise HF's init with
+    LayerNorm weights and every bias perturbed, so a swapped or dropped one shows in the logits.
     """
     import torch
     import transformers
+
+    from sharp_models import sharpen
 
     torch.manual_seed(seed)
     kwargs = dict(TINY, multi_query=multi_query, activation_function=activation_function)
     kwargs.update(overrides)
     model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(**kwargs)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+    if sharp:
+        sharpen(model)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln_" in name or name.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return path

@@ -15,16 +15,15 @@ from mindspore import Tensor, ops
 from mindformers.generation.utils import GenerateOutput
 from mindformers.tools.logger import logger
 
-from mindformers_ext.generation.sampling import SamplingParams, choose_next
+from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
 from mindformers_ext.generation.step_cells import DecodeStep, LastLogitsStep, PrefillStep
 from mindformers_ext.layers.attention import MASK_VALUE
 
 _GENERATION_KEYS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
                     "repetition_penalty", "eos_token_id", "pad_token_id", "use_past", "seed",
-                    "return_dict_in_generate", "stop_strings", "tokenizer")
+                    "return_dict_in_generate", "output_scores", "output_logits", "stop_strings", "tokenizer")
 # MindFormers generation options that do not change greedy / sampled ids here.
-_IGNORED_KEYS = ("num_beams", "output_scores", "output_logits", "min_length", "min_new_tokens",
-                 "audio_processor", "batch_size")
+_IGNORED_KEYS = ("num_beams", "min_length", "min_new_tokens", "audio_processor", "batch_size")
 
 
 def _as_prompt_list(input_ids: Any, pad_token_id: Optional[int]) -> list[list[int]]:
@@ -91,7 +90,7 @@ class DecodingMixin:
             "repetition_penalty": getattr(cfg, "repetition_penalty", 1.0),
             "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
             "use_past": getattr(cfg, "use_past", True), "seed": None, "return_dict_in_generate": False,
-            "stop_strings": None, "tokenizer": None,
+            "output_scores": False, "output_logits": False, "stop_strings": None, "tokenizer": None,
         }
         if generation_config is not None:
             for key in _GENERATION_KEYS:
@@ -123,9 +122,12 @@ class DecodingMixin:
         Keyword arguments (override ``generation_config`` and the model config): max_new_tokens,
         max_length (prompt + new), do_sample, temperature, top_k, top_p, repetition_penalty,
         eos_token_id (int or list), pad_token_id, use_past, seed, stop_strings (with tokenizer: a row
-        stops once its new text contains one), return_dict_in_generate. Returns one int32 array per
-        prompt: the prompt followed by the generated ids, stopping after an end token (or a
-        ``GenerateOutput`` with ``sequences`` when return_dict_in_generate is set).
+        stops once its new text contains one), return_dict_in_generate, output_scores, output_logits.
+        Returns one int32 array per prompt: the prompt followed by the generated ids, stopping after
+        an end token. With return_dict_in_generate, a ``GenerateOutput`` with ``sequences`` and, as
+        HF, ``logits`` (raw float32 (batch, vocab) per step, if output_logits) and ``scores`` (after
+        repetition penalty and, when sampling, temperature / top-k / top-p, if output_scores); rows
+        that already finished keep producing entries (fed the pad token), as in HF.
         """
         del logits_processor  # custom MindFormers processors are not supported by this decoder
         opts = self._resolve(generation_config, kwargs)
@@ -147,16 +149,18 @@ class DecodingMixin:
         rng = np.random.default_rng(opts["seed"]) if params.do_sample else None
         was_training = self.training
         self.set_train(False)
+        record = {"logits": [] if opts["output_logits"] else None, "scores": [] if opts["output_scores"] else None}
         try:
-            sequences = self._decode_loop(prompts, max_new, params, rng, opts, streamer)
+            sequences = self._decode_loop(prompts, max_new, params, rng, opts, streamer, record)
         finally:
             self.set_train(was_training)
         if opts["return_dict_in_generate"]:
-            return GenerateOutput(sequences=sequences, scores=None, logits=None)
+            return GenerateOutput(sequences=sequences, **{k: None if v is None else tuple(v) for k, v in record.items()})
         return sequences
 
     def _decode_loop(self, prompts: list[list[int]], max_new: int, params: SamplingParams,
-                     rng: Optional[np.random.Generator], opts: dict, streamer: Any) -> list[np.ndarray]:
+                     rng: Optional[np.random.Generator], opts: dict, streamer: Any,
+                     record: dict) -> list[np.ndarray]:
         batch, width = len(prompts), max(len(p) for p in prompts)
         pad = int(opts["pad_token_id"] or 0)
         ids = np.full((batch, width), pad, dtype=np.int32)
@@ -201,7 +205,13 @@ class DecodingMixin:
                 out = self._step("decode", len(caches))(Tensor(last[:, None]), Tensor(pos), Tensor(mask),
                                                         *indices, *caches)
                 logits, caches = out[0], out[1:]
-            next_ids = choose_next(logits.asnumpy()[:, -1, :], params, histories, rng)
+            step_logits = logits.asnumpy()[:, -1, :].astype(np.float32)
+            scores = process_logits(step_logits, params, histories)
+            next_ids = draw(scores, params, rng)
+            if record["logits"] is not None:
+                record["logits"].append(step_logits)
+            if record["scores"] is not None:
+                record["scores"].append(scores)
             last = next_ids.astype(np.int32)
             for row in range(batch):
                 if finished[row]:

@@ -53,7 +53,11 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep the smallest set of most probable tokens whose probability reaches ``p`` (HF's nucleus)."""
+    """Keep the smallest set of most probable tokens whose probability reaches ``p`` (HF's nucleus).
+
+    Tokens tied with the least probable kept token are all kept (as top-k keeps ties): HF's unstable
+    sort keeps an arbitrary subset of them, a subset of ours.
+    """
     if p >= 1.0:
         return logits
     order = np.argsort(logits, axis=-1, kind="stable")  # ascending, as HF
@@ -62,9 +66,8 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     cumulative = np.cumsum(probs, axis=-1)
     remove_sorted = cumulative <= (1 - p)
     remove_sorted[:, -1] = False  # always keep the most probable token
-    remove = np.zeros_like(remove_sorted)
-    np.put_along_axis(remove, order, remove_sorted, -1)
-    return np.where(remove, -np.inf, logits)
+    smallest_kept = np.min(np.where(remove_sorted, np.inf, sorted_logits), axis=-1, keepdims=True)
+    return np.where(logits < smallest_kept, -np.inf, logits)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,14 +76,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def choose_next(logits: np.ndarray, params: SamplingParams, histories: Sequence[Sequence[int]],
-                rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """Next token id per row (int64 array of shape (batch,))."""
+def process_logits(logits: np.ndarray, params: SamplingParams, histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """The scores the next token is chosen from (HF's ``scores``): float32 logits (batch, vocab) after
+    the repetition penalty and, when sampling, temperature, top-k and top-p (removed tokens -inf)."""
     logits = apply_repetition_penalty(logits.astype(np.float32), histories, params.repetition_penalty)
     if not params.do_sample:
-        return np.argmax(logits, axis=-1)
-    rng = rng if rng is not None else np.random.default_rng()
+        return logits
     logits = logits / np.float32(params.temperature)
-    logits = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
-    probs = _softmax(logits.astype(np.float64))
+    return top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+
+
+def draw(scores: np.ndarray, params: SamplingParams, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Next token id per row (int64, shape (batch,)) from :func:`process_logits`' scores: the argmax when
+    greedy, else one draw per row from softmax(scores)."""
+    if not params.do_sample:
+        return np.argmax(scores, axis=-1)
+    rng = rng if rng is not None else np.random.default_rng()
+    probs = _softmax(scores.astype(np.float64))
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+

@@ -1,0 +1,71 @@
+"""Decode-step logits of our ``generate`` against a teacher-forced reference (not a test module).
+
+Our model generates from a left-padded batch of prompts of several lengths with the KV cache
+(``use_past=True``) and returns the raw logits of every step (``output_logits``). The reference
+then scores each row's own unpadded sequence (prompt + the tokens we generated) and must give the
+same logits at the positions where each of our steps predicted the next token.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+STEPS = 48
+TOLERANCE = 1e-4  # float32, max abs over every step and row
+
+
+def random_prompts(vocab: int, lengths, seed: int = 0, low: int = 3) -> list[list[int]]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(low, vocab, size=n).tolist() for n in lengths]
+
+
+def generate_with_logits(model, prompts: list[list[int]], steps: int = STEPS):
+    """(sequences, logits (steps, batch, vocab)) of a greedy cached generate that never stops early."""
+    out = model.generate(prompts, max_new_tokens=steps, do_sample=False, use_past=True, eos_token_id=[],
+                         return_dict_in_generate=True, output_logits=True)
+    logits = np.stack(out["logits"])
+    assert logits.shape[:2] == (steps, len(prompts)), logits.shape
+    return out["sequences"], logits
+
+
+def max_step_error(prompts, sequences, logits, reference_rows: Callable) -> float:
+    """Max abs difference between our step logits and ``reference_rows(ids (1, S)) -> (1, S, V)`` on each
+    row's unpadded sequence (prompt and all generated tokens but the last)."""
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        seq = np.asarray(sequences[row][:-1], dtype=np.int64)
+        assert len(seq) == len(prompt) + logits.shape[0] - 1
+        expected = reference_rows(seq[None])[0, len(prompt) - 1:]
+        worst = max(worst, float(np.abs(logits[:, row] - expected).max()))
+    return worst
+
+
+def hf_cached_batch_logits(hf_model, prompts: list[list[int]], sequences, pad: int = 0) -> np.ndarray:
+    """HF's logits for the same left-padded batch, teacher-forced one token per step through its own
+    cache (for dynamic-NTK rope, whose frequencies depend on the longest position in each call)."""
+    import torch
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    steps = len(sequences[0]) - len(prompts[0])
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = []
+    with torch.no_grad():
+        logits = hf_model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True).logits[:, -1]
+        out.append(logits.numpy())
+        for step in range(1, steps):
+            tokens = torch.tensor([[int(s[len(p) + step - 1])] for s, p in zip(sequences, prompts)])
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], 1)
+            pos = positions[:, -1:] + step
+            logits = hf_model(tokens, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True).logits[:, -1]
+            out.append(logits.numpy())
+    return np.stack(out)
