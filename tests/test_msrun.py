@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,14 @@ import pytest
 from test_run_mindformer import FINETUNE_TINY, LOSS, REPO, _env, _latest_ckpt, write_tiny_mindrecord
 
 LAUNCHER = os.path.join(REPO, "tools", "msrun_launcher.sh")
+
+
+def free_port():
+    """A TCP port that is free now (the OS picks it), for msrun's master_port: parallel test runs
+    cannot collide on a fixed one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _launch(*args, env=None, cwd=None):
@@ -65,6 +74,7 @@ def test_wrong_arguments_and_missing_msrun(fake_msrun, tmp_path):
     assert missing.returncode == 1 and "msrun not found" in missing.stderr
 
 
+@pytest.mark.slow
 def test_data_parallel_finetune_two_workers(tmp_path):
     """2 local CPU workers, each on its own half of the data: the gradients are all-reduced for real,
     so both ranks end with identical weights although their losses differ."""
@@ -73,8 +83,7 @@ def test_data_parallel_finetune_two_workers(tmp_path):
     cmd = (f"{os.path.join(REPO, 'tools', 'run_mindformer.py')} --config {FINETUNE_TINY} --run_mode finetune "
            f"--use_parallel True --train_data {data} --output_dir {out} --epochs 1 "
            "--model.model_config.vocab_size 512 --model.model_config.seq_length 16 --callbacks.1.save_checkpoint_steps 4")
-    port = str(8200 + os.getpid() % 500)
-    result = _launch(cmd, "2", port, str(tmp_path / "msrun_log"), "True", "300", cwd=str(tmp_path))
+    result = _launch(cmd, "2", str(free_port()), str(tmp_path / "msrun_log"), "True", "300", cwd=str(tmp_path))
     logs = {rank: (tmp_path / "msrun_log" / f"worker_{rank}.log").read_text(errors="replace") for rank in (0, 1)}
     assert result.returncode == 0, result.stdout[-2000:] + "\n".join(v[-3000:] for v in logs.values())
     losses = {rank: [float(m.group(5)) for m in LOSS.finditer(text)] for rank, text in logs.items()}

@@ -101,7 +101,9 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
         gradient_accumulation_steps: micro-batches per call (the batch dimension of every input
             must be divisible by it).
         calculate_per_token_loss: the network returns ``(sum of token losses, token count)``; the
-            step divides by the count summed over micro-batches (exact accumulation).
+            step divides by the count summed over micro-batches and, under data parallel, over
+            ranks: the loss and the update are the token mean of the whole global batch, whatever
+            the number of scored tokens on each rank or micro-batch (the reported loss too).
         **kwargs: the other arguments MindFormers passes to wrappers (``parallel_config``,
             ``lr_scheduler``, ...); accepted and ignored.
     """
@@ -147,6 +149,11 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
         self.is_distributed = _get_parallel_mode() != ParallelMode.STAND_ALONE
         if self.is_distributed:
             self.allreduce = ops.AllReduce(group=GlobalComm.WORLD_COMM_GROUP)
+        # Per-token loss under data parallel: the token mean of the global batch. The reducer leaves
+        # the sum of the ranks' gradients (divided by the rank count with gradients_mean), so the
+        # divisor is the token count summed over ranks (times the same 1 / rank count).
+        self.global_token_mean = self.per_token_loss and self.reducer_flag
+        self.reduced_share = 1.0 / self.degree if self.global_token_mean and self.mean else 1.0
         self.hyper_map = ops.HyperMap()
         self.learning_rate = self.optimizer.learning_rate
 
@@ -196,7 +203,15 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
                 numerator = numerator + num_i
                 denominator = denominator + den_i
                 grads = self.hyper_map(ops.add, grads, grads_i)
-        loss = ops.cast(numerator, ms.float32) / denominator
+        numerator = ops.cast(numerator, ms.float32)
+        if self.global_token_mean:
+            # every rank divides by the same global count (the local one made the ranks diverge)
+            numerator = self.allreduce(numerator)
+            count = self.allreduce(denominator)
+            loss = numerator / count
+            denominator = count * self.reduced_share
+        else:
+            loss = numerator / denominator
         grads = self.grad_reducer(grads)
         unscale = 1.0 / (scale * denominator)
 
