@@ -14,6 +14,7 @@ import torch
 
 import mindspore as ms
 from mindformers_ext import load_hf_model
+from mindformers_ext.cache import KVCache
 from decode_steps import STEPS, TOLERANCE, generate_with_logits, max_step_error
 from deepseek2_reference import (HF_NATIVE, VARIANTS, aux_loss, cross_entropy, make_tiny_deepseek2,
                                  one_torch_thread, reference_forward, reference_greedy, route)
@@ -145,13 +146,14 @@ def test_kv_cache_holds_the_latent_only(tiny):
     batch, width = 2, 7
     ids = np.array(_prompts([width] * batch, seed=4), dtype=np.int32)
     pos = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
-    mask = np.where(np.tril(np.ones((width, width), bool)), 0.0, -1e9).astype(np.float32)[None, None]
-    out = ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(np.repeat(mask, batch, 0)))
+    cache = KVCache(ours.cache_spec(), batch, width)
+    mask, slot = cache.prefill(np.ones((batch, width), bool))
+    out = ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), mask, slot, *cache.tensors)
     caches = out[1:]
     assert len(caches) == cfg["num_hidden_layers"]  # one tensor per layer (no separate K and V)
     per_token_layer = sum(c.nbytes for c in caches) / (batch * width * len(caches)) / 4  # float32 values
     assert per_token_layer == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 24
-    assert all(tuple(c.shape) == (batch, 1, width, 24) for c in caches)
+    assert all(tuple(c.shape) == (batch, 1, width, 24) and c.asnumpy().any() for c in caches)
     full_kv = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
     assert per_token_layer < full_kv  # 24 vs 112 values
     # the real V2 shapes: 576 values per token and layer against 40960 for decompressed K and V
@@ -284,7 +286,7 @@ def test_aux_loss_matches_a_direct_computation(seq_aux):
     routed += (silu(tokens @ sw1.T) * (tokens @ sw3.T)) @ sw2.T
     np.testing.assert_allclose(out.asnumpy().reshape(-1, hidden), routed, rtol=1e-4, atol=1e-6)
     # the decode path (gathering only the chosen experts) gives the same output
-    np.testing.assert_allclose(moe.decode(ms.Tensor(x)).asnumpy(), out.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moe(ms.Tensor(x), True)[0].asnumpy(), out.asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -101,16 +101,21 @@ def test_padded_batch_matches_single_prompts_and_hf_batch(pairs, use_past):
 
 
 def test_kv_cache_holds_one_head_for_multi_query(pairs):
-    """The prefill graph's caches: (batch, 1, tokens, head_dim) for multi-query, one per head otherwise."""
+    """The cache: K and V of (batch, 1, capacity, head_dim) per layer for multi-query, one per head
+    otherwise; prefill fills the prompt's slots and leaves the rest zero."""
+    from mindformers_ext.cache import KVCache
+
     for variant, heads in (("mq", 1), ("mha", 4)):
         ours, _ = pairs[variant]
         ids = np.array(_prompts(ours.config.vocab_size, [7, 7], seed=5), dtype=np.int32)
         pos = np.tile(np.arange(7, dtype=np.int32), (2, 1))
-        mask = np.where(np.tril(np.ones((7, 7), bool)), 0.0, -1e9).astype(np.float32)[None, None].repeat(2, 0)
-        out = ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(mask))  # pylint: disable=W0212
-        caches = out[1:]
+        cache = KVCache(ours.cache_spec(), 2, 10)
+        mask, slot = cache.prefill(np.ones((2, 7), bool))
+        out = ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), mask, slot, *cache.tensors)  # pylint: disable=W0212
+        caches = [c.asnumpy() for c in out[1:]]
         assert len(caches) == 2 * ours.config.num_layers
-        assert all(tuple(c.shape) == (2, heads, 7, ours.config.head_dim) for c in caches), variant
+        assert all(c.shape == (2, heads, 10, ours.config.head_dim) for c in caches), variant
+        assert all(np.abs(c[:, :, :7]).min(axis=-1).max() > 0 and not c[:, :, 7:].any() for c in caches)
 
 
 def test_parameters_tied_head_and_names(pairs):

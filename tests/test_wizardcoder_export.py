@@ -17,7 +17,8 @@ def test_exported_graphs_reproduce_eager_greedy_ids(tmp_path):
     assert {PREFILL, DECODE, META} <= set(os.listdir(out_dir))
     with open(os.path.join(out_dir, META), encoding="utf-8") as f:
         meta = json.load(f)
-    assert meta["num_caches"] == 4 and meta["kv_heads"] == 1  # multi-query: one cached head
+    # multi-query: K and V of one head per layer
+    assert meta["cache_spec"] == {"tensors": [[1, 16], [1, 16]], "num_layers": 2}
 
     eager = load_hf_model(hf_dir, use_past=True)
     rng = np.random.RandomState(7)

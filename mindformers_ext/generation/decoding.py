@@ -1,4 +1,5 @@
-"""``generate`` for our causal LMs: left-padded batches, a static KV cache and dynamic-shape graphs.
+"""``generate`` for our causal LMs: left-padded batches, a static KV cache (:class:`KVCache`) and
+dynamic-shape graphs.
 
 Replaces MindFormers' ``GenerationMixin.generate`` (whose cached path needs Ascend's paged attention)
 with the same call shape: ``model.generate(input_ids, max_new_tokens=..., do_sample=...)`` returns a
@@ -11,13 +12,14 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 from mindformers.generation.utils import GenerateOutput
 from mindformers.tools.logger import logger
 
+from mindformers_ext.cache import CacheSpec, KVCache, padded_causal_mask
 from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
-from mindformers_ext.generation.step_cells import DecodeStep, LastLogitsStep, PrefillStep
-from mindformers_ext.layers.attention import MASK_VALUE
+from mindformers_ext.generation.step_cells import CachedStep, LastLogitsStep
+from mindformers_ext.layers.linear import ms_dtype
 
 _GENERATION_KEYS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
                     "repetition_penalty", "eos_token_id", "pad_token_id", "use_past", "seed",
@@ -68,16 +70,21 @@ class DecodingMixin:
             self._step_cells = {}
         return self._step_cells
 
-    def _step(self, kind: str, num_caches: int = 0):
+    def cache_spec(self) -> CacheSpec:
+        """What the model caches per layer (its decoder stack's :class:`CacheSpec`)."""
+        return self.model.cache_spec
+
+    def _cache_dtype(self):
+        return ms_dtype(self.config.compute_dtype)
+
+    def _step(self, kind: str):
+        """The compiled graph of ``kind``: "logits" (no cache), "prefill" or "decode"."""
         steps = self._steps()
         if kind not in steps:
             if kind == "logits":
                 steps[kind] = LastLogitsStep(self)
-            elif kind == "prefill":
-                steps[kind] = PrefillStep(self)
             else:
-                steps[kind] = DecodeStep(self, num_caches, ms.float32 if self.config.compute_dtype == "float32"
-                                         else {"float16": ms.float16, "bfloat16": ms.bfloat16}[self.config.compute_dtype])
+                steps[kind] = CachedStep(self, self.cache_spec(), self._cache_dtype(), decode=kind == "decode")
             steps[kind].set_train(False)
         return steps[kind]
 
@@ -176,35 +183,25 @@ class DecodingMixin:
         if streamer is not None:
             streamer.put(np.array(prompts[0] if batch == 1 else ids))
         use_past = bool(opts["use_past"])
-        capacity = width + max_new
-        caches, indices, kv_valid = (), (), None
+        cache = KVCache(self.cache_spec(), batch, width + max_new, self._cache_dtype()) if use_past else None
         for step in range(max_new):
-            if step == 0 or not use_past:
-                full_valid = valid if step == 0 else np.concatenate([valid, np.ones((batch, step), bool)], 1)
-                seq = full_valid.shape[1]
-                allowed = np.tril(np.ones((seq, seq), dtype=bool))[None] & full_valid[:, None, :]
-                mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
-                pos = positions if step == 0 else np.concatenate(
-                    [positions, (lengths[:, None] + np.arange(step)[None]).astype(np.int32)], 1)
-                tokens = ids if step == 0 else np.concatenate(
-                    [ids, np.array([g + [pad] * (step - len(g)) for g in generated], np.int32)[:, :step]], 1)
-                if use_past:
-                    out = self._step("prefill")(Tensor(tokens), Tensor(pos), Tensor(mask))
-                    logits, prompt_caches = out[0], out[1:]
-                    caches = tuple(ops.pad(c, (0, 0, 0, capacity - width)) for c in prompt_caches)
-                    kv_valid = np.concatenate([valid, np.zeros((batch, max_new), bool)], 1)
-                    indices = self._scatter_indices(caches, width)
-                else:
-                    logits = self._step("logits")(Tensor(tokens), Tensor(pos), Tensor(mask))
-            else:
-                slot = width + step - 1
-                kv_valid[:, slot] = True
-                mask = np.where(kv_valid, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :]
+            if use_past and step == 0:
+                mask, slot = cache.prefill(valid)
+                out = self._step("prefill")(Tensor(ids), Tensor(positions), mask, slot, *cache.tensors)
+                logits = out[0]
+                cache.update(out[1:])
+            elif use_past:
+                mask, slot = cache.next_slot()
                 pos = (lengths + step - 1)[:, None].astype(np.int32)
-                indices = self._scatter_indices(caches, slot)
-                out = self._step("decode", len(caches))(Tensor(last[:, None]), Tensor(pos), Tensor(mask),
-                                                        *indices, *caches)
-                logits, caches = out[0], out[1:]
+                out = self._step("decode")(Tensor(last[:, None]), Tensor(pos), mask, slot, *cache.tensors)
+                logits = out[0]
+                cache.update(out[1:])
+            else:  # recompute the whole sequence each step
+                full_valid = np.concatenate([valid, np.ones((batch, step), bool)], 1)
+                pos = np.concatenate([positions, (lengths[:, None] + np.arange(step)[None]).astype(np.int32)], 1)
+                tokens = np.concatenate(
+                    [ids, np.array([g + [pad] * (step - len(g)) for g in generated], np.int32).reshape(batch, step)], 1)
+                logits = self._step("logits")(Tensor(tokens), Tensor(pos), Tensor(padded_causal_mask(full_valid)))
             step_logits = logits.asnumpy()[:, -1, :].astype(np.float32)
             scores = process_logits(step_logits, params, histories)
             next_ids = draw(scores, params, rng)
@@ -237,19 +234,3 @@ class DecodingMixin:
             return False
         text = opts["tokenizer"].decode(new_ids, skip_special_tokens=False)
         return any(stop in text for stop in opts["stop_strings"])
-
-    @staticmethod
-    def _scatter_indices(caches: Sequence[Tensor], slot: int) -> tuple:
-        """(b, head, slot) index tensors for each cache tensor's TensorScatterUpdate."""
-        made: dict = {}
-        out = []
-        for cache in caches:
-            b, h = cache.shape[0], cache.shape[1]
-            if (b, h) not in made:
-                grid = np.zeros((b, h, 3), dtype=np.int32)
-                grid[..., 0] = np.arange(b)[:, None]
-                grid[..., 1] = np.arange(h)[None, :]
-                grid[..., 2] = slot
-                made[(b, h)] = Tensor(grid)
-            out.append(made[(b, h)])
-        return tuple(out)

@@ -1,4 +1,4 @@
-"""The three compiled graphs behind ``generate``: whole-sequence logits, prefill and one-token decode.
+"""The compiled graphs behind ``generate``: whole-sequence logits, and a cached step (prefill / decode).
 
 Each is compiled once with dynamic batch / length dimensions (``set_inputs``), so prompts of any
 length and any number of new tokens reuse one graph instead of recompiling per shape.
@@ -8,9 +8,17 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from mindformers_ext.cache import CacheSpec
+
 
 def _dyn(rank: int, dtype) -> Tensor:
     return Tensor(shape=[None] * rank, dtype=dtype)
+
+
+def cached_step_inputs(spec: CacheSpec, cache_dtype) -> list:
+    """Dynamic input signature of :class:`CachedStep`: ids, positions, mask, slot, then the cache."""
+    return ([_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32), _dyn(1, ms.int32)]
+            + [_dyn(4, cache_dtype)] * spec.num_tensors)
 
 
 class LastLogitsStep(nn.Cell):
@@ -22,40 +30,25 @@ class LastLogitsStep(nn.Cell):
         self.set_inputs(_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32))
 
     def construct(self, input_ids, position_ids, mask):
-        hidden, _ = self.lm.model(input_ids, position_ids, mask)
+        hidden, _, _ = self.lm.model(input_ids, position_ids, mask)
         return self.lm.logits(hidden[:, -1:, :])
 
 
-class PrefillStep(nn.Cell):
-    """Run the prompt, return last-position logits and every layer's cache tensors for the prompt."""
+class CachedStep(nn.Cell):
+    """New tokens written into the cache at ``slot``; returns last-position logits and the updated cache.
 
-    def __init__(self, lm: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.lm = lm
-        self.set_inputs(_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32))
-
-    def construct(self, input_ids, position_ids, mask):
-        hidden, caches = self.lm.model(input_ids, position_ids, mask)
-        return (self.lm.logits(hidden[:, -1:, :]),) + caches
-
-
-class DecodeStep(nn.Cell):
-    """One new token per row against the static caches; returns logits and the updated caches.
-
-    Inputs: input_ids (B, 1), position_ids (B, 1), mask (B, 1, 1, capacity), then ``n`` scatter
-    indices (one per cache tensor) and the ``n`` cache tensors.
+    Inputs: input_ids (B, S), position_ids (B, S), mask, slot (B,), then the ``spec.num_tensors``
+    cache tensors of :class:`mindformers_ext.cache.KVCache`. ``decode=False`` is the prefill (the
+    prompt into an empty cache, mask (B, 1, S, S)); ``decode=True`` attends over the whole cache
+    (mask (B, 1, S, capacity)).
     """
 
-    def __init__(self, lm: nn.Cell, num_caches: int, cache_dtype) -> None:
+    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool) -> None:
         super().__init__(auto_prefix=False)
         self.lm = lm
-        self.num_caches = num_caches
-        inputs = [_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32)]
-        inputs += [_dyn(3, ms.int32)] * num_caches + [_dyn(4, cache_dtype)] * num_caches
-        self.set_inputs(*inputs)
+        self.decode = decode
+        self.set_inputs(*cached_step_inputs(spec, cache_dtype))
 
-    def construct(self, input_ids, position_ids, mask, *rest):
-        indices = rest[:self.num_caches]
-        caches = rest[self.num_caches:]
-        hidden, caches = self.lm.model.decode(input_ids, position_ids, mask, indices, caches)
-        return (self.lm.logits(hidden),) + caches
+    def construct(self, input_ids, position_ids, mask, slot, *cache):
+        hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, slot, self.decode)
+        return (self.lm.logits(hidden[:, -1:, :]),) + cache

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from mindspore import ops
 
+from mindformers_ext.cache import MASK_VALUE
 from mindformers_ext.layers.linear import ms_dtype
 from mindformers_ext.parallel.shard import ShardedCell
 
-MASK_VALUE = -1e9
+__all__ = ["GroupedAttentionCore", "MASK_VALUE"]
 
 
 class GroupedAttentionCore(ShardedCell):
@@ -31,6 +32,10 @@ class GroupedAttentionCore(ShardedCell):
         self.heads, self.kv_heads, self.group = heads, kv_heads, heads // kv_heads
         self.qk_dim, self.v_dim, self.scale = qk_dim, v_dim, scale
         self.softmax_dtype = ms_dtype(softmax_compute_type)
+        # MASK_VALUE (-1e9) is -inf in float16, and a fully masked row (the padding of a left-padded
+        # prompt) would turn into NaN that reaches the real rows through their keys / values: a
+        # float16 softmax takes the mask clipped to -32768 (finite, with room left for the scores).
+        self.mask_floor = -32768.0 if softmax_compute_type == "float16" else None
         self.transpose_q = ops.Transpose()
         self.transpose_out = ops.Transpose()
         self.reshape = ops.Reshape()
@@ -62,6 +67,8 @@ class GroupedAttentionCore(ShardedCell):
         scores = self.mul_scale(self.qk(q, k), self.scale)
         scores = self.cast(scores, self.softmax_dtype)
         scores = self.reshape(scores, (bs, self.kv_heads, self.group, seq, kv_len))
+        if self.mask_floor is not None:
+            mask = ops.maximum(mask, self.mask_floor)
         scores = self.add_mask(scores, self.expand(self.cast(mask, self.softmax_dtype), 1))
         probs = self.softmax(scores)
         probs = self.cast(self.reshape(probs, (bs, self.kv_heads, self.group * seq, kv_len)), v.dtype)
@@ -69,21 +76,3 @@ class GroupedAttentionCore(ShardedCell):
         out = self.reshape(out, (bs, self.kv_heads, self.group, seq, self.v_dim))
         out = self.transpose_out(out, (0, 3, 1, 2, 4))
         return self.reshape(out, (bs, seq, self.heads * self.v_dim))
-
-
-class KVCacheWriter(ShardedCell):
-    """Writes one step's keys/values into a static cache: ``cache[b, h, slot, :] = new[b, h, 0, :]``.
-
-    The cache is (batch, kv_heads, capacity, dim); ``index`` (batch, kv_heads, 3) holds (b, h, slot),
-    the same slot for every row because batches are left-padded. Functional (returns the new cache) so
-    that one compiled graph serves every batch size and capacity.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.update = ops.TensorScatterUpdate()
-        self.squeeze = ops.Squeeze(2)
-
-    def construct(self, cache, index, new):
-        return self.update(cache, index, self.squeeze(new))
-

@@ -5,11 +5,11 @@ RMSNorm) plus one shared rotary key ``k_pe`` (``qk_rope_head_dim`` wide). The ca
 those, ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, as one (batch, 1, tokens,
 kv_lora_rank + qk_rope_head_dim) tensor, instead of 2 x heads x head_dim for full keys and values.
 
-Two computations of the same attention:
+Two computations of the same attention, chosen by ``decode``:
 
-* ``construct`` (training, prefill, the uncached path): decompress per-head keys / values from the
-  latent and attend normally (cheapest when queries are many);
-* ``decode`` (one new token against the cache): the "absorbed" form. With ``W_UK`` / ``W_UV`` the
+* over the new tokens (training, prefill, the uncached path): decompress per-head keys / values from
+  the latent and attend normally (cheapest when queries are many);
+* ``decode`` (new tokens against the whole cache): the "absorbed" form. With ``W_UK`` / ``W_UV`` the
   per-head blocks of ``kv_b_proj``, ``q_nope . (W_UK c) = (W_UK^T q_nope) . c``, so each query is
   mapped into latent space and attends over the cached latents directly as multi-query attention
   (one shared "head" of width kv_lora_rank + rope); the latent output is mapped out through
@@ -26,7 +26,8 @@ from typing import Optional
 
 from mindspore import ops
 
-from mindformers_ext.layers.attention import GroupedAttentionCore, KVCacheWriter
+from mindformers_ext.cache import CacheWriter
+from mindformers_ext.layers.attention import GroupedAttentionCore
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.layers.norm import RMSNorm
 from mindformers_ext.layers.rotary import ApplyRotary
@@ -72,7 +73,7 @@ class MultiLatentAttention(ShardedCell):
         # (latent + rope) and the rope part of the output is dropped, so the cache is never sliced.
         self.latent_core = GroupedAttentionCore(heads, 1, self.latent_dim, self.latent_dim, scale,
                                                 softmax_compute_type)
-        self.write_cache = KVCacheWriter()
+        self.write_cache = CacheWriter()
         self.reshape = ops.Reshape()
         self.transpose = ops.Transpose()
         self.concat = ops.Concat(-1)
@@ -128,25 +129,31 @@ class MultiLatentAttention(ShardedCell):
         entry = self.concat((c_kv, self.reshape(k_pe, (bs, seq, self.rope))))
         return self.reshape(entry, (bs, 1, seq, self.latent_dim))
 
-    def construct(self, x, cos, sin, mask):
-        """x (B, S, hidden), mask (B, 1, S, S) -> (output (B, S, hidden), cache (B, 1, S, kv_lora + rope))."""
-        bs, seq, _ = x.shape
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """x (B, S, hidden) -> (output (B, S, hidden), updated (latent,) cache or ()).
+
+        ``cache`` is this layer's (B, 1, capacity, kv_lora + rope) latent; the new entries are written
+        at ``slot``. ``decode`` attends over the whole cache in the absorbed form (mask (B, 1, S,
+        capacity)); otherwise over the new tokens, decompressed (mask (B, 1, S, S)).
+        """
         q_nope, q_pe = self._query(x, cos, sin)
         c_kv, k_pe = self._latent(x, cos, sin)
+        new_cache = ()
+        if cache is not None:
+            new_cache = (self.write_cache(cache[0], self._cache_entry(c_kv, k_pe), slot),)
+        if decode:
+            return self._absorbed(q_nope, q_pe, new_cache[0], mask), new_cache
+        bs, seq, _ = x.shape
         kv = self.reshape(self.lkv2kv(c_kv), (bs, seq, self.heads, self.nope + self.v_dim))
         k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
         k = self.concat((k_nope, ops.broadcast_to(k_pe, (bs, seq, self.heads, self.rope))))
         q = self.concat((q_nope, q_pe))
         out = self.core(q, self.transpose(k, (0, 2, 1, 3)), self.transpose(v, (0, 2, 1, 3)), mask)
-        return self.wo(out), self._cache_entry(c_kv, k_pe)
+        return self.wo(out), new_cache
 
-    def decode(self, x, cos, sin, mask, index, cache):
-        """x (B, S, hidden) new tokens (S = 1 in generation), mask (B, 1, S, capacity), cache
-        (B, 1, capacity, kv_lora + rope) -> (output, updated cache)."""
-        bs, seq, _ = x.shape
-        q_nope, q_pe = self._query(x, cos, sin)
-        c_kv, k_pe = self._latent(x, cos, sin)
-        cache = self.write_cache(cache, index, self._cache_entry(c_kv, k_pe))
+    def _absorbed(self, q_nope, q_pe, cache, mask):
+        """Attention of the new queries over the cached latents without decompressing them."""
+        bs, seq, _, _ = q_nope.shape
         weight = self.reshape(self.lkv2kv.weight, (self.heads, self.nope + self.v_dim, self.kv_lora_rank))
         weight = ops.cast(weight, q_nope.dtype)
         w_uk, w_uv = weight[:, :self.nope, :], weight[:, self.nope:, :]
@@ -159,4 +166,4 @@ class MultiLatentAttention(ShardedCell):
         out_h = self.reshape(self.transpose(out, (2, 0, 1, 3)), (self.heads, bs * seq, self.kv_lora_rank))
         out_v = self.reshape(self.expand_out(out_h, w_uv), (self.heads, bs, seq, self.v_dim))
         out_v = self.reshape(self.transpose(out_v, (1, 2, 0, 3)), (bs, seq, self.heads * self.v_dim))
-        return self.wo(out_v), cache
+        return self.wo(out_v)

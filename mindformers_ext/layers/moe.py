@@ -9,9 +9,9 @@ The sequence-level balance loss (``seq_aux``) is ``alpha * mean_b sum_e f_be P_b
 without ``seq_aux`` the same over all tokens at once.
 
 Expert weights are stacked, one tensor per projection: w1 / w3 (E, inter, hidden), w2 (E, hidden,
-inter) in HF's [out, in] layout per expert. Two exact computations:
+inter) in HF's [out, in] layout per expert. Two exact computations, chosen by ``decode``:
 
-* ``construct`` (training, prefill): every expert on every token as two batched matmuls over the
+* training, prefill: every expert on every token as two batched matmuls over the
   expert axis, the intermediate activations multiplied by the (mostly zero) routing weights. This
   costs E / k times the routed FLOPs but no data-dependent shapes (graph mode, any backend) and
   shards over experts (expert parallel) like MindFormers' MoE;
@@ -232,11 +232,16 @@ class DeepSeekMoE(ShardedCell):
         chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
         return (chosen * ops.expand_dims(weights, -1)).sum(1)
 
-    def construct(self, x):
+    def construct(self, x, decode=False):
+        """x (B, S, hidden) -> (output, aux loss). ``decode`` (a few tokens, inference) reads only the
+        chosen experts' weights; otherwise every expert runs on the tokens routed to it."""
         bs, seq, _ = x.shape
         tokens = ops.reshape(x, (bs * seq, self.hidden_size))
         scores, indices, weights = self.router(tokens)
-        routed = self.ffn(tokens, self._dense_routing(indices, weights))
+        if decode:
+            routed = self.ffn.decode(tokens, indices, weights)
+        else:
+            routed = self.ffn(tokens, self._dense_routing(indices, weights))
         out = ops.reshape(self.cast(routed, x.dtype), (bs, seq, self.hidden_size))
         if self.has_shared:
             out = out + self.shared_experts(x)
@@ -245,13 +250,3 @@ class DeepSeekMoE(ShardedCell):
             aux = sequence_aux_loss(scores, indices, bs, self.num_experts, self.top_k, self.aux_loss_alpha,
                                     self.seq_aux)
         return out, aux
-
-    def decode(self, x):
-        """Inference on a few tokens (a decode step): only the chosen experts are read."""
-        bs, seq, _ = x.shape
-        tokens = ops.reshape(x, (bs * seq, self.hidden_size))
-        _, indices, weights = self.router(tokens)
-        out = ops.reshape(self.cast(self.ffn.decode(tokens, indices, weights), x.dtype), (bs, seq, self.hidden_size))
-        if self.has_shared:
-            out = out + self.shared_experts(x)
-        return out

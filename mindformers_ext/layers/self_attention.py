@@ -1,16 +1,13 @@
-"""Causal self-attention with separate q/k/v/o projections, rotary positions and a static KV cache.
-
-Two entry points share the weights: ``construct`` (a whole sequence: training, the uncached
-decode path and prefill, also returning this layer's keys/values for the cache) and ``decode``
-(one new token against the cache, returning the updated cache).
-"""
+"""Causal self-attention with separate q/k/v/o projections, rotary positions and a static KV cache
+(this layer's K and V tensors of :class:`mindformers_ext.cache.KVCache`)."""
 from __future__ import annotations
 
 import math
 
 from mindspore import ops
 
-from mindformers_ext.layers.attention import GroupedAttentionCore, KVCacheWriter
+from mindformers_ext.cache import CacheWriter
+from mindformers_ext.layers.attention import GroupedAttentionCore
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.parallel.shard import ShardedCell
@@ -34,8 +31,8 @@ class CausalSelfAttention(ShardedCell):
         self.rotary_k = ApplyRotary(kv_heads, head_dim)
         self.core = GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
                                          softmax_compute_type)
-        self.write_k = KVCacheWriter()
-        self.write_v = KVCacheWriter()
+        self.write_k = CacheWriter()
+        self.write_v = CacheWriter()
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -56,14 +53,19 @@ class CausalSelfAttention(ShardedCell):
         v = self.reshape(self.wv(x), (bs, seq, self.kv_heads, self.head_dim))
         return q, self.transpose_k(k, (0, 2, 1, 3)), self.transpose_v(v, (0, 2, 1, 3))
 
-    def construct(self, x, cos, sin, mask):
-        """x (B, S, hidden), mask (B, 1, S, S) -> output (B, S, hidden), k and v (B, kv_heads, S, dim)."""
-        q, k, v = self._project(x, cos, sin)
-        return self.wo(self.core(q, k, v, mask)), k, v
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """x (B, S, hidden) -> (output (B, S, hidden), this layer's updated (k, v) cache or ()).
 
-    def decode(self, x, cos, sin, mask, index, k_cache, v_cache):
-        """x (B, 1, hidden), mask (B, 1, 1, capacity), caches (B, kv_heads, capacity, dim)."""
+        Without ``cache``: attention over the S tokens, mask (B, 1, S, S). With ``cache`` (k, v)
+        (B, kv_heads, capacity, dim): the new keys / values are written at ``slot``; ``decode``
+        attends over the whole cache (mask (B, 1, S, capacity)), else (prefill into an empty cache)
+        over the new tokens only.
+        """
         q, k, v = self._project(x, cos, sin)
-        k_cache = self.write_k(k_cache, index, k)
-        v_cache = self.write_v(v_cache, index, v)
-        return self.wo(self.core(q, k_cache, v_cache, mask)), k_cache, v_cache
+        if cache is None:
+            return self.wo(self.core(q, k, v, mask)), ()
+        k_cache = self.write_k(cache[0], k, slot)
+        v_cache = self.write_v(cache[1], v, slot)
+        if decode:
+            k, v = k_cache, v_cache
+        return self.wo(self.core(q, k, v, mask)), (k_cache, v_cache)

@@ -1,9 +1,10 @@
 """What every causal LM of ours shares: LM head, training loss and the graph entry points of decoding.
 
-A family supplies ``self.model`` (its decoder stack) with
-``construct(input_ids, position_ids, mask) -> (hidden, caches)`` and
-``decode(input_ids, position_ids, mask, indices, caches) -> (hidden, caches)``, where ``caches`` is a
-flat tuple of 4-D tensors (batch, heads_or_1, tokens, dim) whose token axis is 2.
+A family supplies ``self.model`` (its decoder stack) with a ``cache_spec``
+(:class:`mindformers_ext.cache.CacheSpec`) and one forward for training, prefill and decode:
+``construct(input_ids, position_ids, mask, cache=None, slot=None, decode=False) -> (hidden, cache,
+aux)``, where ``cache`` is the flat tuple of :class:`mindformers_ext.cache.KVCache` tensors (updated
+at ``slot``) and ``aux`` the MoE balance loss added to the training loss (0 for dense models).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindformers.models.modeling_utils import PreTrainedModel
 
+from mindformers_ext.cache import MASK_VALUE
 from mindformers_ext.generation.decoding import DecodingMixin
-from mindformers_ext.layers.attention import MASK_VALUE
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, vocab_emb_dp
 
@@ -52,8 +53,9 @@ class CausalLMBase(DecodingMixin, PreTrainedModel):
     """LM head + loss on top of a family's decoder stack; ``generate`` comes from :class:`DecodingMixin`.
 
     ``construct(input_ids, labels=None)`` follows MindFormers' Llama convention in training: the
-    inputs are tokens[:, :-1] and the targets labels[:, 1:] (or input_ids[:, 1:] without labels).
-    In inference it returns float32 logits for every position.
+    inputs are tokens[:, :-1] and the targets labels[:, 1:] (or input_ids[:, 1:] without labels);
+    the loss is their cross-entropy plus the model's aux loss (DeepSeek-V2's MoE balance loss,
+    ``aux_loss_alpha``). In inference it returns float32 logits for every position.
     """
 
     base_model_prefix = "model"
@@ -86,10 +88,10 @@ class CausalLMBase(DecodingMixin, PreTrainedModel):
             tokens = input_ids
         bs, seq = tokens.shape
         position_ids = ops.broadcast_to(ops.expand_dims(ops.arange(seq, dtype=ms.int32), 0), (bs, seq))
-        hidden, _ = self.model(tokens, position_ids, causal_mask(seq))
+        hidden, _, aux = self.model(tokens, position_ids, causal_mask(seq))
         logits = self.logits(hidden)
         if self.training:
-            return self.loss(logits, targets)
+            return self.loss(logits, targets) + aux
         return logits
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):

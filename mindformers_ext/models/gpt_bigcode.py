@@ -18,12 +18,13 @@ The weight map (``mindformers_ext/convert/maps/wizardcoder.py``) splits / joins 
 """
 from __future__ import annotations
 
+import mindspore as ms
 from mindspore import ops
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.layers import (GeluMLP, GroupedAttentionCore, KVCacheWriter, LayerNorm, Linear, VocabEmbedding,
-                                    ms_dtype)
+from mindformers_ext.cache import CacheSpec, CacheWriter
+from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
 from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
@@ -48,11 +49,8 @@ class GPTBigCodeAttentionCore(GroupedAttentionCore):
 
 
 class GPTBigCodeAttention(ShardedCell):
-    """Self-attention with GPT-BigCode's projections (see the module docstring) and a static KV cache.
-
-    ``construct`` runs a whole sequence and also returns its keys/values (B, kv_heads, S, head_dim);
-    ``decode`` runs one token against the cache and returns the updated cache.
-    """
+    """Self-attention with GPT-BigCode's projections (see the module docstring) and a static KV cache
+    (K and V of ``kv_heads`` heads: one for multi-query)."""
 
     def __init__(self, hidden_size: int, heads: int, multi_query: bool = True, scale_attn_weights: bool = True,
                  compute_dtype: str = "float32", param_init_type: str = "float32",
@@ -75,8 +73,8 @@ class GPTBigCodeAttention(ShardedCell):
         scale = self.head_dim ** -0.5 if scale_attn_weights else 1.0
         self.core = GPTBigCodeAttentionCore(heads, self.kv_heads, self.head_dim, self.head_dim, scale,
                                             softmax_compute_type)
-        self.write_k = KVCacheWriter()
-        self.write_v = KVCacheWriter()
+        self.write_k = CacheWriter()
+        self.write_v = CacheWriter()
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -107,17 +105,17 @@ class GPTBigCodeAttention(ShardedCell):
         q, k, v = self.reshape(q, shape), self.reshape(k, shape), self.reshape(v, shape)
         return q, self.transpose_k(k, (0, 2, 1, 3)), self.transpose_v(v, (0, 2, 1, 3))
 
-    def construct(self, x, mask):
-        """x (B, S, hidden), mask (B, 1, S, S) -> output (B, S, hidden), k and v (B, kv_heads, S, head_dim)."""
+    def construct(self, x, mask, cache=None, slot=None, decode=False):
+        """x (B, S, hidden) -> (output (B, S, hidden), updated (k, v) cache or ()); the cache and mask
+        conventions are those of :class:`mindformers_ext.layers.CausalSelfAttention`."""
         q, k, v = self._project(x)
-        return self.c_proj(self.core(q, k, v, mask)), k, v
-
-    def decode(self, x, mask, index, k_cache, v_cache):
-        """x (B, 1, hidden), mask (B, 1, 1, capacity), caches (B, kv_heads, capacity, head_dim)."""
-        q, k, v = self._project(x)
-        k_cache = self.write_k(k_cache, index, k)
-        v_cache = self.write_v(v_cache, index, v)
-        return self.c_proj(self.core(q, k_cache, v_cache, mask)), k_cache, v_cache
+        if cache is None:
+            return self.c_proj(self.core(q, k, v, mask)), ()
+        k_cache = self.write_k(cache[0], k, slot)
+        v_cache = self.write_v(cache[1], v, slot)
+        if decode:
+            k, v = k_cache, v_cache
+        return self.c_proj(self.core(q, k, v, mask)), (k_cache, v_cache)
 
 
 class GPTBigCodeDecoderLayer(ShardedCell):
@@ -145,27 +143,23 @@ class GPTBigCodeDecoderLayer(ShardedCell):
         self.ffn_norm.shard(dp, mp)
         self.feed_forward.shard(dp, mp)
 
-    def construct(self, x, mask):
-        attn, k, v = self.attention(self.attention_norm(x), mask)
+    def construct(self, x, mask, cache=None, slot=None, decode=False):
+        attn, cache = self.attention(self.attention_norm(x), mask, cache, slot, decode)
         x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), k, v
-
-    def decode(self, x, mask, index_k, index_v, k_cache, v_cache):
-        """One token against this layer's cache."""
-        attn, k_cache, v_cache = self.attention.decode(self.attention_norm(x), mask, index_k, k_cache, v_cache)
-        x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), k_cache, v_cache
+        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class GPTBigCodeModel(ShardedCell):
     """Token + position embeddings, decoder layers, final LayerNorm.
 
-    Caches: (k, v) per layer, each (B, kv_heads, T, head_dim) with kv_heads = 1 for multi-query.
+    Cache: (k, v) per layer, each (B, kv_heads, T, head_dim) with kv_heads = 1 for multi-query.
     """
 
     def __init__(self, config: GPTBigCodeFamilyConfig) -> None:
         super().__init__()
         self.num_layers = config.num_layers
+        self.cache_spec = CacheSpec(((config.kv_heads, config.hidden_size // config.num_heads),) * 2,
+                                    config.num_layers)
         dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)
@@ -192,23 +186,14 @@ class GPTBigCodeModel(ShardedCell):
         x = self.add_positions(self.tok_embeddings(input_ids), self.position_embeddings(position_ids))
         return self.cast(x, self.compute_dtype)
 
-    def construct(self, input_ids, position_ids, mask):
+    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
+        """-> (hidden, updated cache tuple or (), aux loss 0); as :class:`mindformers_ext.models.llama.LlamaModel`."""
         x = self.embed(input_ids, position_ids)
-        caches = ()
+        new_cache = ()
         for i in range(self.num_layers):
-            x, k, v = self.layers[i](x, mask)
-            caches = caches + (k, v)
-        return self.norm_out(x), caches
-
-    def decode(self, input_ids, position_ids, mask, indices, caches):
-        """One token per row; ``caches`` / ``indices`` hold (k, v) per layer."""
-        x = self.embed(input_ids, position_ids)
-        new_caches = ()
-        for i in range(self.num_layers):
-            x, k, v = self.layers[i].decode(x, mask, indices[2 * i], indices[2 * i + 1],
-                                            caches[2 * i], caches[2 * i + 1])
-            new_caches = new_caches + (k, v)
-        return self.norm_out(x), new_caches
+            x, layer_cache = self.layers[i](x, mask, self.cache_spec.layer(cache, i), slot, decode)
+            new_cache = new_cache + layer_cache
+        return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

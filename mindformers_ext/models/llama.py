@@ -6,9 +6,12 @@ MindFormers' Llama (``model.layers.N.attention.wq.weight`` ...), so its checkpoi
 from __future__ import annotations
 
 
+import mindspore as ms
+from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.layers import CausalSelfAttention, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding
+from mindformers_ext.cache import CacheSpec
+from mindformers_ext.layers import CausalSelfAttention, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
 from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
@@ -38,29 +41,26 @@ class LlamaDecoderLayer(ShardedCell):
         self.ffn_norm.shard(dp, mp)
         self.feed_forward.shard(dp, mp)
 
-    def construct(self, x, cos, sin, mask):
-        attn, k, v = self.attention(self.attention_norm(x), cos, sin, mask)
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """-> (output, this layer's updated cache or ()); see :class:`CausalSelfAttention`."""
+        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask, cache, slot, decode)
         x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), k, v
-
-    def decode(self, x, cos, sin, mask, index_k, index_v, k_cache, v_cache):
-        """One token against this layer's cache."""
-        attn, k_cache, v_cache = self.attention.decode(self.attention_norm(x), cos, sin, mask,
-                                                       index_k, k_cache, v_cache)
-        x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), k_cache, v_cache
+        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class LlamaModel(ShardedCell):
-    """Embedding, decoder layers and final norm. Caches: (k, v) per layer, (B, kv_heads, T, head_dim)."""
+    """Embedding, decoder layers and final norm. Cache: (k, v) per layer, (B, kv_heads, T, head_dim)."""
 
     def __init__(self, config: LlamaFamilyConfig) -> None:
         super().__init__()
         self.num_layers = config.num_layers
+        self.cache_spec = CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers)
         dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)
         self.tok_embeddings.shard(dp, mp, vocab_emb_dp(config.parallel_config))
+        self.cast = ops.Cast()
+        self.compute_dtype = ms_dtype(config.compute_dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.theta, config.extend_method, config.scaling_factor,
                                       config.max_position_embedding)
         self.rotary.shard(dp, mp)
@@ -72,25 +72,17 @@ class LlamaModel(ShardedCell):
             self.tok_embeddings.pipeline_stage = 0
             self.norm_out.pipeline_stage = pp - 1
 
-    def construct(self, input_ids, position_ids, mask):
-        x = self.tok_embeddings(input_ids)
+    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
+        """-> (hidden, updated cache tuple or (), aux loss 0); ``cache`` is the flat tuple of
+        :class:`mindformers_ext.cache.KVCache` (see :class:`CausalSelfAttention` for the rest)."""
+        # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
+        x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
         cos, sin = self.rotary(position_ids)
-        caches = ()
+        new_cache = ()
         for i in range(self.num_layers):
-            x, k, v = self.layers[i](x, cos, sin, mask)
-            caches = caches + (k, v)
-        return self.norm_out(x), caches
-
-    def decode(self, input_ids, position_ids, mask, indices, caches):
-        """One token per row; ``caches`` / ``indices`` hold (k, v) per layer."""
-        x = self.tok_embeddings(input_ids)
-        cos, sin = self.rotary(position_ids)
-        new_caches = ()
-        for i in range(self.num_layers):
-            x, k, v = self.layers[i].decode(x, cos, sin, mask, indices[2 * i], indices[2 * i + 1],
-                                            caches[2 * i], caches[2 * i + 1])
-            new_caches = new_caches + (k, v)
-        return self.norm_out(x), new_caches
+            x, layer_cache = self.layers[i](x, cos, sin, mask, self.cache_spec.layer(cache, i), slot, decode)
+            new_cache = new_cache + layer_cache
+        return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import mindspore as ms
-from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.models.causal_lm import CausalLMBase, causal_mask
+from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.parallel.shard import parallel_sizes
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 from research.deepseek2.deepseek2_transformer import DeepseekV2Model
@@ -28,17 +26,3 @@ class DeepseekV2ForCausalLM(CausalLMBase):
         stages = parallel_sizes(config.parallel_config)[2]
         if stages > 1:
             self.lm_head.pipeline_stage = stages - 1
-
-    def construct(self, input_ids, labels=None):
-        if self.training:
-            tokens = input_ids[:, :-1]
-            targets = input_ids[:, 1:] if labels is None else labels[:, 1:]
-        else:
-            tokens = input_ids
-        bs, seq = tokens.shape
-        position_ids = ops.broadcast_to(ops.expand_dims(ops.arange(seq, dtype=ms.int32), 0), (bs, seq))
-        if self.training:
-            hidden, aux = self.model.forward_with_aux(tokens, position_ids, causal_mask(seq))
-            return self.loss(self.logits(hidden), targets) + aux
-        hidden, _ = self.model(tokens, position_ids, causal_mask(seq))
-        return self.logits(hidden)

@@ -1,14 +1,15 @@
 """DeepSeek-V2 decoder: MLA attention, dense or MoE feed-forward, and the decoder stack.
 
-Each layer keeps one cache tensor, the MLA latent (batch, 1, tokens, kv_lora_rank +
-qk_rope_head_dim), so ``caches`` holds ``num_layers`` tensors (see ``mindformers_ext/layers/mla.py``).
+Each layer caches one tensor, the MLA latent (batch, 1, tokens, kv_lora_rank + qk_rope_head_dim)
+(see ``mindformers_ext/layers/mla.py``).
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import ops
 
-from mindformers_ext.layers import RMSNorm, RotaryEmbedding, VocabEmbedding
+from mindformers_ext.cache import CacheSpec
+from mindformers_ext.layers import RMSNorm, RotaryEmbedding, VocabEmbedding, ms_dtype
 from mindformers_ext.layers.mla import MultiLatentAttention
 from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
 from research.deepseek2.deepseek2_config import DeepseekV2Config
@@ -51,22 +52,16 @@ class DeepseekV2DecoderLayer(ShardedCell):
         else:
             self.feed_forward.shard(dp, mp)
 
-    def construct(self, x, cos, sin, mask):
-        """-> (output, cache entry of the sequence, aux loss of this layer (0 for dense layers))."""
-        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask)
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """-> (output, this layer's updated cache or (), aux loss of this layer (0 for dense layers));
+        ``decode`` selects MLA's absorbed attention and the MoE's expert gather."""
+        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask, cache, slot, decode)
         x = x + attn
         if self.is_moe:
-            ff, aux = self.feed_forward(self.ffn_norm(x))
+            ff, aux = self.feed_forward(self.ffn_norm(x), decode)
         else:
             ff, aux = self.feed_forward(self.ffn_norm(x)), ops.zeros((), ms.float32)
         return x + ff, cache, aux
-
-    def decode(self, x, cos, sin, mask, index, cache):
-        """New token(s) against this layer's latent cache."""
-        attn, cache = self.attention.decode(self.attention_norm(x), cos, sin, mask, index, cache)
-        x = x + attn
-        h = self.ffn_norm(x)
-        return x + (self.feed_forward.decode(h) if self.is_moe else self.feed_forward(h)), cache
 
 
 class DeepseekV2Model(ShardedCell):
@@ -75,10 +70,13 @@ class DeepseekV2Model(ShardedCell):
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
         self.num_layers = config.num_layers
+        self.cache_spec = CacheSpec(((1, config.kv_lora_rank + config.qk_rope_head_dim),), config.num_layers)
         dp, mp, pp, ep = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)
         self.tok_embeddings.shard(dp, mp, vocab_emb_dp(config.parallel_config))
+        self.cast = ops.Cast()
+        self.compute_dtype = ms_dtype(config.compute_dtype)
         method = "YARN" if config.extend_method == "YARN" else "None"
         self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.theta, method, config.rotary_scaling(),
                                       config.max_position_embeddings)
@@ -91,32 +89,17 @@ class DeepseekV2Model(ShardedCell):
             self.tok_embeddings.pipeline_stage = 0
             self.norm_out.pipeline_stage = pp - 1
 
-    def _forward(self, input_ids, position_ids, mask):
-        x = self.tok_embeddings(input_ids)
+    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
+        """-> (hidden, updated cache tuple or (), summed MoE balance loss (training)); as
+        :class:`mindformers_ext.models.llama.LlamaModel`."""
+        # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
+        x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
         cos, sin = self.rotary(position_ids)
-        caches = ()
+        new_cache = ()
         aux = ops.zeros((), ms.float32)
         for i in range(self.num_layers):
-            x, cache, layer_aux = self.layers[i](x, cos, sin, mask)
-            caches = caches + (cache,)
+            x, layer_cache, layer_aux = self.layers[i](x, cos, sin, mask, self.cache_spec.layer(cache, i), slot,
+                                                       decode)
+            new_cache = new_cache + layer_cache
             aux = aux + layer_aux
-        return self.norm_out(x), caches, aux
-
-    def construct(self, input_ids, position_ids, mask):
-        hidden, caches, _ = self._forward(input_ids, position_ids, mask)
-        return hidden, caches
-
-    def forward_with_aux(self, input_ids, position_ids, mask):
-        """(hidden, summed MoE balance loss) for training."""
-        hidden, _, aux = self._forward(input_ids, position_ids, mask)
-        return hidden, aux
-
-    def decode(self, input_ids, position_ids, mask, indices, caches):
-        """One token per row; ``caches`` / ``indices`` hold one latent cache per layer."""
-        x = self.tok_embeddings(input_ids)
-        cos, sin = self.rotary(position_ids)
-        new_caches = ()
-        for i in range(self.num_layers):
-            x, cache = self.layers[i].decode(x, cos, sin, mask, indices[i], caches[i])
-            new_caches = new_caches + (cache,)
-        return self.norm_out(x), new_caches
+        return self.norm_out(x), new_cache, aux

@@ -5,14 +5,14 @@
     python research/wizardcoder/export_wizardcoder_inc.py --hf_dir WizardCoder-15B-V1.0 --output_dir out_inc
 
 Writes ``prefill.mindir``, ``decode.mindir`` and ``wizardcoder_inc.json`` (what a runner needs: the
-number of cache tensors, end / pad ids, the position limit). Both graphs have dynamic batch and length
-dimensions (one file serves every prompt length and cache capacity), so the seed's ``--batch_size`` /
-``--seq_length`` are accepted but not needed. The graphs are exactly the ones ``generate`` compiles:
-
-* prefill: ``(input_ids (B, S), position_ids (B, S), mask (B, 1, S, S))`` -> last-position logits
-  (B, 1, vocab) and each layer's key / value (B, kv_heads, S, head_dim); kv_heads = 1 for multi-query;
-* decode: ``(input_ids (B, 1), position_ids (B, 1), mask (B, 1, 1, T), n scatter indices (B, kv_heads, 3),
-  n caches (B, kv_heads, T, head_dim))`` -> logits (B, 1, vocab) and the updated caches.
+cache layout (:class:`mindformers_ext.cache.CacheSpec`), end / pad ids, the position limit). Both
+graphs have dynamic batch and length dimensions (one file serves every prompt length and cache
+capacity), so the seed's ``--batch_size`` / ``--seq_length`` are accepted but not needed. The graphs
+are exactly the ones ``generate`` compiles (:class:`mindformers_ext.generation.step_cells.CachedStep`):
+``(input_ids (B, S), position_ids (B, S), mask, slot (B,), n caches (B, kv_heads, T, head_dim))`` ->
+last-position logits (B, 1, vocab) and the updated caches (the new tokens written at ``slot``);
+kv_heads = 1 for multi-query. Prefill writes the prompt into a zero cache at slot 0 (mask
+(B, 1, S, S)); decode adds one token per row (S = 1, mask (B, 1, 1, T)).
 
 Batches are left-padded, position ids count real tokens only and masks are additive (0 / -1e9), as in
 ``mindformers_ext.generation.decoding``. :class:`MindIRGenerator` runs the exported files
@@ -36,16 +36,12 @@ os.environ.setdefault("LOG_MF_PATH", os.path.join(os.path.abspath("./output"), "
 
 # pylint: disable=wrong-import-position
 import mindspore as ms  # noqa: E402
-from mindspore import Tensor, nn  # noqa: E402
+from mindspore import nn  # noqa: E402
 
+from mindformers_ext.cache import CacheSpec  # noqa: E402
 from mindformers_ext.generation.decoding import DecodingMixin  # noqa: E402
-from mindformers_ext.generation.step_cells import DecodeStep, PrefillStep  # noqa: E402
-
-_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-def _dyn(rank: int, dtype) -> Tensor:
-    return Tensor(shape=[None] * rank, dtype=dtype)
+from mindformers_ext.generation.step_cells import CachedStep, cached_step_inputs  # noqa: E402
+from mindformers_ext.layers.linear import ms_dtype  # noqa: E402
 
 
 def export_incremental(model: nn.Cell, output_dir: str) -> dict[str, str]:
@@ -53,20 +49,15 @@ def export_incremental(model: nn.Cell, output_dir: str) -> dict[str, str]:
     os.makedirs(output_dir, exist_ok=True)
     model.set_train(False)
     config = model.config
-    num_caches = 2 * config.num_layers
-    cache_dtype = _DTYPES[config.compute_dtype]
-    prefill = PrefillStep(model)
-    prefill.set_train(False)
-    ms.export(prefill, _dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32),
-              file_name=os.path.join(output_dir, PREFILL[:-len(".mindir")]), file_format="MINDIR")
-    decode = DecodeStep(model, num_caches, cache_dtype)
-    decode.set_train(False)
-    ms.export(decode, _dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32),
-              *[_dyn(3, ms.int32)] * num_caches, *[_dyn(4, cache_dtype)] * num_caches,
-              file_name=os.path.join(output_dir, DECODE[:-len(".mindir")]), file_format="MINDIR")
+    spec = model.cache_spec()
+    cache_dtype = ms_dtype(config.compute_dtype)
+    for name, decode in ((PREFILL, False), (DECODE, True)):
+        step = CachedStep(model, spec, cache_dtype, decode)
+        step.set_train(False)
+        ms.export(step, *cached_step_inputs(spec, cache_dtype),
+                  file_name=os.path.join(output_dir, name[:-len(".mindir")]), file_format="MINDIR")
     meta = {
-        "num_caches": num_caches, "kv_heads": int(getattr(config, "kv_heads", 1)),
-        "head_dim": int(config.head_dim), "vocab_size": int(config.vocab_size),
+        "cache_spec": spec.to_dict(), "vocab_size": int(config.vocab_size),
         "compute_dtype": config.compute_dtype, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id, "max_position_embedding": int(config.max_position_embedding),
         "max_decode_length": int(getattr(config, "max_decode_length", 1024)),
@@ -109,6 +100,10 @@ class MindIRGenerator(DecodingMixin):
             "prefill": nn.GraphCell(ms.load(os.path.join(export_dir, PREFILL))),
             "decode": nn.GraphCell(ms.load(os.path.join(export_dir, DECODE))),
         }
+
+    def cache_spec(self) -> CacheSpec:
+        """The exported model's cache layout (from the export's metadata)."""
+        return CacheSpec.from_dict(self.meta["cache_spec"])
 
     def set_train(self, mode: bool = True) -> "MindIRGenerator":
         """Graphs are inference-only; kept for ``generate``'s bookkeeping."""
