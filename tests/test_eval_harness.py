@@ -1,5 +1,6 @@
 """HumanEval / MBPP harness: pass@k, sandboxed execution, resumable samples, prompts, CLI.
-No model: generate_fn fakes return canonical or broken solutions."""
+No model: generate_fn fakes return canonical or broken solutions. Hostile programs:
+tests/test_eval_sandbox.py."""
 import importlib.util
 import json
 import math
@@ -84,14 +85,16 @@ def test_infinite_loop_killed_at_time_limit():
     assert 0.9 <= elapsed < 5.0
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
+def test_unsandboxed_timeout_kills_the_whole_process_group(tmp_path):
+    """--unsafe_no_sandbox still kills the program's process group (the sandboxed path kills its
+    whole PID namespace: tests/test_eval_sandbox.py)."""
     pid_file = tmp_path / "grandchild.pid"
     prog = (
         "import subprocess, sys, time\n"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
         "time.sleep(60)\n")
-    res = run_program(prog, timeout=1.5, guard=False)
+    res = run_program(prog, timeout=1.5, guard=False, sandbox=False)
     assert res.status == "timeout"
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 5
@@ -122,25 +125,38 @@ def test_environment_is_scrubbed(monkeypatch):
     assert run_program("import os\nassert 'SECRET_TOKEN' not in os.environ").passed
     leaked = run_program("import os\nassert os.environ.get('SECRET_TOKEN') == 'hunter2'")
     assert leaked.status == "fail"
-    env = run_program("import os\nassert set(os.environ) <= {'PATH', 'LANG', 'LC_ALL', 'HOME', "
-                      "'TMPDIR', 'PYTHONIOENCODING', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', "
-                      "'MKL_NUM_THREADS'}, sorted(os.environ)")
-    assert env.passed, env.error
+    for sandbox in (True, False):
+        env = run_program("import os\nassert set(os.environ) <= {'PATH', 'LANG', 'LC_ALL', "
+                          "'HOME', 'TMPDIR', 'PYTHONIOENCODING', 'OMP_NUM_THREADS', "
+                          "'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'PWD'}, sorted(os.environ)",
+                          sandbox=sandbox)
+        assert env.passed, (sandbox, env.error)
 
 
 def test_fresh_temp_dir_removed_and_stdin_closed():
+    # sandboxed: a private tmpfs as working directory, empty at every run
+    prog = ("import os\nassert os.listdir('.') == ['program.py'] and os.listdir('/tmp') == []\n"
+            "open('scratch.txt', 'w').write('x')\nopen('/tmp/scratch.txt', 'w').write('x')\n"
+            "raise RuntimeError('CWD=' + os.getcwd())")
+    for _ in range(2):
+        res = run_program(prog)
+        assert res.error == "RuntimeError: CWD=/sandbox", res
+    assert run_program("import sys\nassert sys.stdin.read() == ''").passed
+    # unsandboxed: a fresh host temporary directory, removed afterwards
     res = run_program("import os\nopen('scratch.txt', 'w').write('x')\n"
-                      "raise RuntimeError('CWD=' + os.getcwd())")
+                      "raise RuntimeError('CWD=' + os.getcwd())", sandbox=False)
     cwd = res.error.split("CWD=", 1)[1]
     assert os.path.basename(cwd).startswith("mfx_exec_")
     assert cwd != os.getcwd() and not os.path.exists(cwd)
-    assert run_program("import sys\nassert sys.stdin.read() == ''").passed
+    assert run_program("import sys\nassert sys.stdin.read() == ''", sandbox=False).passed
 
 
 def test_early_exit_is_not_a_pass():
-    assert run_program("import sys\nsys.exit(0)\nassert False").status == "fail"
-    res = run_program("import os\nos._exit(0)\nassert False", guard=False)
-    assert res.status == "fail" and "no completion marker" in res.error
+    for sandbox in (True, False):
+        assert run_program("import sys\nsys.exit(0)\nassert False",
+                           sandbox=sandbox).status == "fail"
+        res = run_program("import os\nos._exit(0)\nassert False", guard=False, sandbox=sandbox)
+        assert res.status == "fail" and "no completion marker" in res.error
 
 
 # ---------------------------------------------------------------- HumanEval end to end

@@ -6,10 +6,13 @@
     python tools/eval_code.py --task mbpp --mbpp_path mbpp.test.jsonl --config ... --output DIR
 
 Completions are appended to DIR/samples.jsonl as they are produced; rerunning the same command
-continues where an interrupted run stopped. Each completion runs in its own sandboxed process
-(time and memory limits, temporary directory, scrubbed environment). Results: DIR/results.jsonl
-(per problem), DIR/summary.json (pass@k, also printed). ``--evaluate_only`` scores the samples
-already in DIR without loading a model.
+continues where an interrupted run stopped. Each completion runs in its own bubblewrap sandbox
+(new PID / network / IPC namespaces, read-only view of the interpreter only, private tmpfs,
+empty environment, CPU / memory / process / file-size limits, wall-time kill of the whole
+sandbox; see mindformers_ext/eval/execution.py). Without a working ``bwrap`` the tool refuses to
+run unless ``--unsafe_no_sandbox`` is given. Results: DIR/results.jsonl (per problem),
+DIR/summary.json (pass@k, also printed). ``--evaluate_only`` scores the samples already in DIR
+without loading a model.
 """
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="address-space limit per program (0: none)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="programs executed in parallel")
+    p.add_argument("--unsafe_no_sandbox", action="store_true",
+                   help="run generated programs WITHOUT the bubblewrap sandbox (they can read, "
+                        "change and delete whatever this user can); only for a disposable "
+                        "machine without bwrap")
     p.add_argument("--evaluate_only", action="store_true",
                    help="score DIR/samples.jsonl without generating")
     p.add_argument("--no_progress", action="store_true")
@@ -91,11 +98,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          "(or use --evaluate_only)")
     if args.task == "mbpp" and not args.mbpp_path:
         raise SystemExit("tools/eval_code.py: --task mbpp needs --mbpp_path FILE.jsonl")
-    os.makedirs(args.output, exist_ok=True)
-    # MindFormers writes its logs under ./output/log unless told otherwise.
+    # MindFormers writes its logs under ./output/log unless told otherwise (read at import).
     os.environ.setdefault("LOG_MF_PATH", os.path.join(os.path.abspath(args.output), "log"))
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
+    from mindformers_ext.eval.execution import SandboxUnavailable, check_sandbox
+    if not args.unsafe_no_sandbox:
+        try:  # before anything is created, loaded or generated
+            check_sandbox()
+        except SandboxUnavailable as err:
+            raise SystemExit(f"tools/eval_code.py: {err}") from None
+    os.makedirs(args.output, exist_ok=True)
     from mindformers_ext.eval import load_humaneval, load_mbpp, load_mbpp_fewshot, run_eval
     from mindformers_ext.eval.prompts import DEFAULT_STYLE, stop_strings
 
@@ -118,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         prompt_style=style, fewshot=fewshot, timeout=args.timeout,
         memory_limit_mb=args.memory_limit_mb or None, workers=args.workers,
         batch_size=args.batch_size, samples_per_call=args.samples_per_call,
-        progress=not args.no_progress,
+        progress=not args.no_progress, sandbox=not args.unsafe_no_sandbox,
         run_config=None if args.evaluate_only else {
             "config": args.config, "load_checkpoint": args.load_checkpoint,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,

@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from mindformers_ext.eval.execution import ExecResult, run_programs
+from mindformers_ext.eval.execution import ExecResult, check_sandbox, run_programs
 from mindformers_ext.eval.metrics import DEFAULT_KS, mean_pass_at_k, pass_at_k
 from mindformers_ext.eval.problems import Problem
 from mindformers_ext.eval.prompts import build_prompt, postprocess
@@ -133,9 +133,11 @@ def evaluate_samples(problems: Sequence[Problem], records: Sequence[Dict[str, An
                      prompts: Optional[Sequence[str]] = None, timeout: float = 10.0,
                      memory_limit_mb: Optional[float] = 1024, workers: int = 2,
                      ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
+                     sandbox: bool = True,
                      ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Execute the stored completions of ``problems`` (samples with index < ``n_samples`` when
-    given) and score them. Returns (per-problem results, summary)."""
+    given) and score them, each in a bubblewrap sandbox (``sandbox=False``: no isolation, see
+    ``execution.py``). Returns (per-problem results, summary)."""
     by_key = {str(p.task_id): (i, p) for i, p in enumerate(problems)}
     jobs, per_problem = [], {str(p.task_id): [] for p in problems}
     for rec in records:
@@ -149,7 +151,7 @@ def evaluate_samples(problems: Sequence[Problem], records: Sequence[Dict[str, An
         per_problem[tid].append(idx)
     results: Dict[Any, ExecResult] = run_programs(jobs, workers=workers, timeout=timeout,
                                                   memory_limit_mb=memory_limit_mb,
-                                                  progress=progress)
+                                                  progress=progress, sandbox=sandbox)
     rows, counts, statuses = [], [], Counter()
     for prob in problems:
         tid = str(prob.task_id)
@@ -182,11 +184,14 @@ def run_eval(task: str, problems: Sequence[Problem], output_dir: str,
              timeout: float = 10.0, memory_limit_mb: Optional[float] = 1024, workers: int = 2,
              batch_size: int = 1, samples_per_call: Optional[int] = None,
              ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
-             run_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+             run_config: Optional[Dict[str, Any]] = None, sandbox: bool = True) -> Dict[str, Any]:
     """Generate the missing samples (skipped when ``generate_fn`` is None: evaluate what is
     stored), execute, write results.jsonl and summary.json into ``output_dir``; return the
-    summary."""
+    summary. With ``sandbox`` (the default) the sandbox is checked before anything is generated:
+    :class:`~mindformers_ext.eval.execution.SandboxUnavailable` if it cannot work here."""
     from mindformers_ext.eval.prompts import DEFAULT_STYLE
+    if sandbox:
+        check_sandbox()
     style = prompt_style or DEFAULT_STYLE[task]
     prompts = [build_prompt(p, task, style, fewshot) for p in problems]
     check_run_config(output_dir, {"task": task, "prompt_style": style, "n_samples": n_samples,
@@ -201,7 +206,7 @@ def run_eval(task: str, problems: Sequence[Problem], output_dir: str,
     rows, summary = evaluate_samples(problems, store.records, task, style, n_samples=n_samples,
                                      prompts=prompts, timeout=timeout,
                                      memory_limit_mb=memory_limit_mb, workers=workers, ks=ks,
-                                     progress=progress)
+                                     progress=progress, sandbox=sandbox)
     tmp = os.path.join(output_dir, RESULTS_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
