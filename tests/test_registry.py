@@ -24,3 +24,29 @@ def test_yaml_types_build_our_model():
     assert network.config.hidden_size == 32 and network.config.theta == 10000.0
     names = {name for name, _ in network.parameters_and_names()}
     assert "model.layers.1.attention.wq.weight" in names and "lm_head.weight" in names
+
+
+def test_config_fields_that_do_not_apply_say_so(monkeypatch):
+    """No field is accepted and silently ignored: a non-silu Llama activation is an error; the
+    upstream YAMLs' use_flash_attention: True and a non-float32 rotary_dtype are reported as unused."""
+    import pytest
+
+    from mindformers_ext.models import base_config
+    from mindformers_ext.models.llama_config import LlamaFamilyConfig
+
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        LlamaFamilyConfig(hidden_act="gelu")
+    messages = []
+
+    class Recorder:
+        @staticmethod
+        def warning(msg, *args):
+            messages.append(msg % args)
+
+    monkeypatch.setattr(base_config, "logger", Recorder)
+    LlamaFamilyConfig(use_flash_attention=True, rotary_dtype="bfloat16")
+    assert any("use_flash_attention: True has no effect" in m for m in messages), messages
+    assert any("rotary_dtype: bfloat16 is not used" in m for m in messages), messages
+    messages.clear()
+    LlamaFamilyConfig()
+    assert not messages

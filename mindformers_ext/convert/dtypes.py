@@ -35,7 +35,6 @@ _ALIASES = {
     "bfloat16": "BF16", "bf16": "BF16",
     "float64": "F64", "fp64": "F64", "double": "F64",
 }
-_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:
@@ -48,11 +47,6 @@ def normalize_dtype(name: Optional[str]) -> Optional[str]:
     if str(name).upper() in STORAGE:
         return str(name).upper()
     raise ConversionError(f"dtype {name!r} is not supported; use float32, float16 or bfloat16")
-
-
-def dtype_name(code: str) -> str:
-    """``'BF16'`` -> ``'bfloat16'`` (the spelling of HF's ``torch_dtype``); other codes unchanged."""
-    return _TO_NAME.get(code, code)
 
 
 def itemsize(code: str) -> int:

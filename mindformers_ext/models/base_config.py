@@ -9,12 +9,13 @@ from typing import Any, Union
 
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.modules.transformer.transformer import TransformerOpParallelConfig, default_transformer_config
+from mindformers.tools.logger import logger
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def dtype_name(value: Any) -> str:
-    """Accept 'float32' or a MindSpore dtype object; return the canonical string name."""
+def canonical_dtype(value: Any) -> str:
+    """'float32' / 'fp16' / 'bf16' / a MindSpore dtype object -> 'float32' / 'float16' / 'bfloat16'."""
     name = str(value).lower().replace("mindspore.", "")
     name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
     if name not in DTYPES:
@@ -51,12 +52,16 @@ class CausalLMConfigBase(PretrainedConfig):
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.ignore_token_id = ignore_token_id
-        self.compute_dtype = dtype_name(compute_dtype)
-        self.layernorm_compute_type = dtype_name(layernorm_compute_type)
-        self.softmax_compute_type = dtype_name(softmax_compute_type)
-        self.param_init_type = dtype_name(param_init_type)
+        self.compute_dtype = canonical_dtype(compute_dtype)
+        self.layernorm_compute_type = canonical_dtype(layernorm_compute_type)
+        self.softmax_compute_type = canonical_dtype(softmax_compute_type)
+        self.param_init_type = canonical_dtype(param_init_type)
         self.initializer_range = initializer_range
         self.use_past = use_past
+        if use_flash_attention:
+            logger.warning("model_config.use_flash_attention: True has no effect: mindformers-ext models run their "
+                           "portable attention core (softmax(q k^T * scale + mask) v) on every backend; there is "
+                           "no flash-attention kernel path yet")
         self.use_flash_attention = use_flash_attention
         self.parallel_config = parallel_config
         self.offset = offset
@@ -66,3 +71,12 @@ class CausalLMConfigBase(PretrainedConfig):
         self.top_k = top_k
         self.top_p = top_p
         self.do_sample = do_sample
+
+
+def rotary_dtype_field(value: Any) -> str:
+    """``rotary_dtype`` as given (upstream YAMLs set it); anything but float32 is reported as unused."""
+    name = canonical_dtype(value)
+    if name != "float32":
+        logger.warning("model_config.rotary_dtype: %s is not used: rotary cos / sin tables are computed in float32 "
+                       "on every backend and applied in compute_dtype", name)
+    return name

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.models.base_config import CausalLMConfigBase, dtype_name
+from mindformers_ext.models.base_config import CausalLMConfigBase, rotary_dtype_field
 
 # MindFormers' names for the rotary variants and the HF ``rope_scaling.type`` each one stands for.
 ROPE_METHODS = {"None": None, "PI": "linear", "DYNAMIC_NTK": "dynamic", "YARN": "yarn"}
@@ -54,6 +54,9 @@ class LlamaFamilyConfig(CausalLMConfigBase):
             raise ValueError(f"extend_method {extend_method!r} is not one of {sorted(ROPE_METHODS)}")
         if n_kv_heads is not None and num_heads % n_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported: the Llama family's MLP is SwiGLU with "
+                             "silu (DeepSeek-Coder v1 / v1.5)")
         if head_dim is None and hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.hidden_size = hidden_size
@@ -76,7 +79,7 @@ class LlamaFamilyConfig(CausalLMConfigBase):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        self.rotary_dtype = dtype_name(rotary_dtype)
+        self.rotary_dtype = rotary_dtype_field(rotary_dtype)
 
     @property
     def kv_heads(self) -> int:

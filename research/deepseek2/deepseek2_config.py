@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.layers.rotary import yarn_get_mscale
-from mindformers_ext.models.base_config import CausalLMConfigBase, dtype_name
+from mindformers_ext.models.base_config import CausalLMConfigBase, canonical_dtype, rotary_dtype_field
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 EXTEND_METHODS = ("None", "YARN")
@@ -196,8 +196,8 @@ class DeepseekV2Config(CausalLMConfigBase):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        self.rotary_dtype = dtype_name(rotary_dtype)
-        self.router_dense_type = dtype_name(router_dense_type)
+        self.rotary_dtype = rotary_dtype_field(rotary_dtype)
+        self.router_dense_type = canonical_dtype(router_dense_type)
 
     def apply_moe_config(self, moe_config: Any = None) -> None:
         """Resolve the MoE fields: explicit model_config values, then ``moe_config``, then the defaults.
