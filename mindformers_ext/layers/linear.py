@@ -1,8 +1,9 @@
 """Dense projection with an HF-shaped weight ([out, in]) and column / row parallel strategies."""
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ops
+from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindformers_ext.parallel.shard import ShardedCell
@@ -16,7 +17,9 @@ def ms_dtype(name: str) -> ms.dtype:
 class Linear(ShardedCell):
     """``y = x @ W^T + b`` over the last axis of a (batch, seq, in) input.
 
-    The weight keeps HF's [out_features, in_features] layout so checkpoints map one to one.
+    The weight keeps HF's [out_features, in_features] layout so checkpoints map one to one. After
+    :meth:`quantize_w8a16` the weight is int8 with one float scale per output feature
+    (``weight_scale``) and ``y = (x @ q^T) * scale + b``, the same as ``x @ (q * scale)^T``.
     """
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
@@ -34,6 +37,17 @@ class Linear(ShardedCell):
         self.bias_add = ops.Add()
         self.cast = ops.Cast()
         self.reshape = ops.Reshape()
+        self.quantized = False
+
+    def quantize_w8a16(self) -> None:
+        """Replace the float weight by int8 with symmetric per-output-feature scales (weight-only)."""
+        from mindformers_ext.quant import quantize_per_channel  # pylint: disable=import-outside-toplevel
+
+        q, scale = quantize_per_channel(self.weight.asnumpy().astype(np.float32))
+        name = self.weight.name
+        self.weight = Parameter(Tensor(q), name=name, requires_grad=False)
+        self.weight_scale = Parameter(Tensor(scale), name=name + "_scale", requires_grad=False)
+        self.quantized = True
 
     def shard_column(self, dp: int, mp: int) -> None:
         """Split the output features over model parallel (q/k/v, gate/up, LM head)."""
@@ -51,10 +65,19 @@ class Linear(ShardedCell):
             self.shard_op("bias_add", self.bias_add, ((dp, 1), (1,)),
                           (("B*S", self.out_features), (self.out_features,)))
 
+    def float_weight(self, dtype):
+        """The weight as ``dtype`` (dequantised, q * scale, after :meth:`quantize_w8a16`)."""
+        weight = self.cast(self.weight, dtype)
+        if self.quantized:
+            weight = weight * ops.expand_dims(self.cast(self.weight_scale, dtype), -1)
+        return weight
+
     def construct(self, x):
         bs, seq, _ = x.shape
         out = self.matmul(self.reshape(self.cast(x, self.compute_dtype), (-1, self.in_features)),
                           self.cast(self.weight, self.compute_dtype))
+        if self.quantized:
+            out = out * self.cast(self.weight_scale, self.compute_dtype)
         if self.has_bias:
             out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
         return self.reshape(out, (bs, seq, self.out_features))

@@ -154,8 +154,8 @@ class MultiLatentAttention(ShardedCell):
     def _absorbed(self, q_nope, q_pe, cache, mask):
         """Attention of the new queries over the cached latents without decompressing them."""
         bs, seq, _, _ = q_nope.shape
-        weight = self.reshape(self.lkv2kv.weight, (self.heads, self.nope + self.v_dim, self.kv_lora_rank))
-        weight = ops.cast(weight, q_nope.dtype)
+        weight = self.reshape(self.lkv2kv.float_weight(q_nope.dtype),
+                              (self.heads, self.nope + self.v_dim, self.kv_lora_rank))
         w_uk, w_uv = weight[:, :self.nope, :], weight[:, self.nope:, :]
         # (B, S, H, nope) -> (H, B*S, nope) -> latent space (H, B*S, kv_lora) -> (B, S, H, kv_lora)
         q_h = self.reshape(self.transpose(q_nope, (2, 0, 1, 3)), (self.heads, bs * seq, self.nope))
