@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor
 
+from mindformers_ext.layers.linear import ms_dtype
+from mindformers_ext.models.base_config import canonical_dtype
 from mindformers_ext.models.gpt_bigcode_config import gpt_bigcode_kwargs_from_hf
 from mindformers_ext.models.llama_hf_config import llama_kwargs_from_hf
 
@@ -68,18 +69,22 @@ def build_from_hf_config(hf_config: dict[str, Any], source: str = "config.json",
 def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", **overrides: Any):
     """Build the registered MindSpore model for ``hf_dir`` (config.json + safetensors) with its weights.
 
-    ``dtype`` sets both the parameter and the compute dtype. Extra keywords override config fields
-    (for example ``seq_length``). Weights stream in one tensor at a time.
+    ``dtype`` sets both the parameter and the compute dtype unless ``param_init_type`` /
+    ``compute_dtype`` are given too (a YAML's mixed precision, e.g. float32 parameters with bfloat16
+    compute). Extra keywords override config fields (for example ``seq_length``,
+    ``softmax_compute_type``). Weights stream in one tensor at a time and are stored in
+    ``param_init_type``.
     """
     from mindformers_ext.convert import iter_hf_weights  # the converter's streaming reader
 
     config_path = os.path.join(hf_dir, "config.json")
     hf_config = read_hf_config(hf_dir)
-    model, family = build_from_hf_config(hf_config, config_path, use_past=use_past, compute_dtype=dtype,
-                                         param_init_type=dtype, **overrides)
+    overrides.setdefault("compute_dtype", dtype)
+    overrides.setdefault("param_init_type", dtype)
+    model, family = build_from_hf_config(hf_config, config_path, use_past=use_past, **overrides)
     params = dict(model.parameters_and_names())
     loaded = set()
-    target = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[dtype]
+    target = ms_dtype(canonical_dtype(model.config.param_init_type))
     for name, array in iter_hf_weights(hf_dir, family.weight_map, model.config):
         if name not in params:
             raise KeyError(f"{hf_dir}: weight {name!r} has no parameter in {type(model).__name__}")
