@@ -5,7 +5,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from mindspore import Tensor
@@ -66,14 +66,16 @@ def build_from_hf_config(hf_config: dict[str, Any], source: str = "config.json",
     return getattr(module, family.model_class)(config), family
 
 
-def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", **overrides: Any):
+def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", quant: Optional[str] = None,
+                  **overrides: Any):
     """Build the registered MindSpore model for ``hf_dir`` (config.json + safetensors) with its weights.
 
     ``dtype`` sets both the parameter and the compute dtype unless ``param_init_type`` /
     ``compute_dtype`` are given too (a YAML's mixed precision, e.g. float32 parameters with bfloat16
     compute). Extra keywords override config fields (for example ``seq_length``,
     ``softmax_compute_type``). Weights stream in one tensor at a time and are stored in
-    ``param_init_type``.
+    ``param_init_type``. ``quant="w8a16"`` then stores the linear layers' weights as int8 with
+    per-channel scales (:func:`mindformers_ext.quant.quantize_model`).
     """
     from mindformers_ext.convert import iter_hf_weights  # the converter's streaming reader
 
@@ -97,5 +99,9 @@ def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", **
     missing = sorted(set(params) - loaded)
     if missing:
         raise KeyError(f"{hf_dir}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if quant:
+        from mindformers_ext.quant import quantize_model  # pylint: disable=import-outside-toplevel
+
+        quantize_model(model, quant)
     model.set_train(False)
     return model
