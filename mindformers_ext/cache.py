@@ -28,17 +28,32 @@ MASK_VALUE = -1e9
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """What every decoder layer caches: ``tensors`` holds one ``(heads, dim)`` per cache tensor."""
+    """What every decoder layer caches: ``tensors`` holds one ``(heads, dim)`` per cached quantity.
+
+    With ``int8`` each quantity is stored as int8 values (B, heads, T, dim) followed by their float32
+    scales (B, heads, T, 1), one per token and head (:class:`CachedTensor`).
+    """
     tensors: tuple
     num_layers: int
+    int8: bool = False
 
     @property
     def per_layer(self) -> int:
-        return len(self.tensors)
+        return len(self.tensors) * (2 if self.int8 else 1)
 
     @property
     def num_tensors(self) -> int:
         return self.per_layer * self.num_layers
+
+    def shapes(self, batch, capacity, dtype) -> list:
+        """(shape, dtype) of every cache tensor, layer by layer (``dtype``: the float cache's)."""
+        per_layer = []
+        for heads, dim in self.tensors:
+            if self.int8:
+                per_layer += [((batch, heads, capacity, dim), ms.int8), ((batch, heads, capacity, 1), ms.float32)]
+            else:
+                per_layer.append(((batch, heads, capacity, dim), dtype))
+        return per_layer * self.num_layers
 
     def layer(self, cache: tuple, i: int) -> tuple:
         """Layer ``i``'s tensors of the flat ``cache`` tuple (or None without a cache)."""
@@ -47,11 +62,12 @@ class CacheSpec:
         return cache[i * self.per_layer:(i + 1) * self.per_layer]
 
     def to_dict(self) -> dict:
-        return {"tensors": [list(t) for t in self.tensors], "num_layers": self.num_layers}
+        return {"tensors": [list(t) for t in self.tensors], "num_layers": self.num_layers, "int8": self.int8}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CacheSpec":
-        return cls(tuple(tuple(int(v) for v in t) for t in data["tensors"]), int(data["num_layers"]))
+        return cls(tuple(tuple(int(v) for v in t) for t in data["tensors"]), int(data["num_layers"]),
+                   bool(data.get("int8", False)))
 
 
 class CacheWriter(nn.Cell):
@@ -75,6 +91,34 @@ class CacheWriter(nn.Cell):
         return self.update(cache, index, ops.cast(new, cache.dtype))
 
 
+class CachedTensor(nn.Cell):
+    """One cached quantity of a layer (K, V or MLA's latent): writes the new tokens at ``slot`` and
+    returns ``(updated entries, the whole cache as new.dtype)``.
+
+    float: ``entries`` is (cache,). int8 (``kv_cache_dtype: int8``): (values int8, scales float32
+    (B, H, T, 1)); each new token and head is stored as ``round(x / s)`` with ``s = max|x| / 127``
+    and read back as values * scales.
+    """
+
+    def __init__(self, int8: bool = False) -> None:
+        super().__init__()
+        self.int8 = int8
+        self.size = 2 if int8 else 1
+        self.write_values = CacheWriter()
+        self.write_scales = CacheWriter()
+
+    def construct(self, entries, new, slot):
+        if not self.int8:
+            cache = self.write_values(entries[0], new, slot)
+            return (cache,), ops.cast(cache, new.dtype)
+        x = ops.cast(new, ms.float32)
+        scale = ops.abs(x).max(axis=-1, keepdims=True) / 127.0
+        scale = ops.select(scale > 0, scale, ops.ones_like(scale))
+        values = self.write_values(entries[0], ops.cast(ops.round(x / scale), ms.int8), slot)
+        scales = self.write_scales(entries[1], scale, slot)
+        return (values, scales), ops.cast(ops.cast(values, ms.float32) * scales, new.dtype)
+
+
 def padded_causal_mask(valid: np.ndarray) -> np.ndarray:
     """Additive (B, 1, S, S) float32 mask for a left-padded batch: causal, and padding never attended."""
     seq = valid.shape[1]
@@ -92,8 +136,7 @@ class KVCache:
 
     def __init__(self, spec: CacheSpec, batch: int, capacity: int, dtype=ms.float32) -> None:
         self.spec, self.capacity = spec, capacity
-        self.tensors = tuple(ops.zeros((batch, heads, capacity, dim), dtype)
-                             for _ in range(spec.num_layers) for heads, dim in spec.tensors)
+        self.tensors = tuple(ops.zeros(shape, dt) for shape, dt in spec.shapes(batch, capacity, dtype))
         self.valid = np.zeros((batch, capacity), dtype=bool)
         self.length = 0  # slots written so far (the same for every row)
 

@@ -216,9 +216,21 @@ def is_moe_layer(cfg: dict, i: int) -> bool:
             and i % (cfg.get("moe_layer_freq") or 1) == 0)
 
 
-def reference_forward(state: dict, cfg: dict, ids: np.ndarray, with_aux: bool = False):
+def fake_int8(x):
+    """Symmetric int8 round trip over the last axis (scale max|x| / 127), in float32."""
+    import torch
+
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / scale) * scale
+
+
+def reference_forward(state: dict, cfg: dict, ids: np.ndarray, with_aux: bool = False,
+                      int8_from: Optional[int] = None):
     """Logits (B, S, V) float32 of DeepSeek-V2's original forward for unpadded ``ids`` (B, S); with
-    ``with_aux`` also the summed balance loss over MoE layers."""
+    ``with_aux`` also the summed balance loss over MoE layers. With ``int8_from`` the positions from
+    there on attend over int8 round trips of every cache entry (normalised latent and rotated shared
+    key), as tokens decoded over an int8 latent cache after a prefill of the first ``int8_from``."""
     import torch
     import torch.nn.functional as F
 
@@ -249,10 +261,22 @@ def reference_forward(state: dict, cfg: dict, ids: np.ndarray, with_aux: bool = 
             kv = kv.view(bsz, seq, heads, nope + vdim).transpose(1, 2)
             k_nope, v = kv[..., :nope], kv[..., nope:]
             q_pe, k_pe = _rope(q_pe, cos, sin), _rope(k_pe, cos, sin)
+            k_nope_q, v_q, k_pe_q = k_nope, v, k_pe
+            if int8_from is not None:  # what an int8 latent cache stores: [c_kv | k_pe] per token
+                entry = fake_int8(torch.cat((_rms(c, sd[a + "kv_a_layernorm.weight"], 1e-6), k_pe[:, 0]), -1))
+                kv_q = F.linear(entry[..., :kv_lora], sd[a + "kv_b_proj.weight"])
+                kv_q = kv_q.view(bsz, seq, heads, nope + vdim).transpose(1, 2)
+                k_nope_q, v_q, k_pe_q = kv_q[..., :nope], kv_q[..., nope:], entry[..., kv_lora:].unsqueeze(1)
             query = torch.cat((q_nope, q_pe), -1)
-            key = torch.cat((k_nope, k_pe.expand(bsz, heads, seq, rope)), -1)
-            att = torch.softmax(query @ key.transpose(2, 3) * scale + causal, dim=-1)
-            out = (att @ v).transpose(1, 2).reshape(bsz, seq, heads * vdim)
+
+            def attend(k_nope, k_pe, v):
+                key = torch.cat((k_nope, k_pe.expand(bsz, heads, seq, rope)), -1)
+                return torch.softmax(query @ key.transpose(2, 3) * scale + causal, dim=-1) @ v
+
+            out = attend(k_nope, k_pe, v)
+            if int8_from is not None:
+                out = torch.cat((out[:, :, :int8_from], attend(k_nope_q, k_pe_q, v_q)[:, :, int8_from:]), 2)
+            out = out.transpose(1, 2).reshape(bsz, seq, heads * vdim)
             x = x + F.linear(out, sd[a + "o_proj.weight"])
             h = _rms(x, sd[p + "post_attention_layernorm.weight"], eps)
             if is_moe_layer(cfg, i):

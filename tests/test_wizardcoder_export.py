@@ -18,7 +18,7 @@ def test_exported_graphs_reproduce_eager_greedy_ids(tmp_path):
     with open(os.path.join(out_dir, META), encoding="utf-8") as f:
         meta = json.load(f)
     # multi-query: K and V of one head per layer
-    assert meta["cache_spec"] == {"tensors": [[1, 16], [1, 16]], "num_layers": 2}
+    assert meta["cache_spec"] == {"tensors": [[1, 16], [1, 16]], "num_layers": 2, "int8": False}
 
     eager = load_hf_model(hf_dir, use_past=True)
     rng = np.random.RandomState(7)

@@ -18,7 +18,7 @@ def _dyn(rank: int, dtype) -> Tensor:
 def cached_step_inputs(spec: CacheSpec, cache_dtype) -> list:
     """Dynamic input signature of :class:`CachedStep`: ids, positions, mask, slot, then the cache."""
     return ([_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32), _dyn(1, ms.int32)]
-            + [_dyn(4, cache_dtype)] * spec.num_tensors)
+            + [_dyn(4, dtype) for _, dtype in spec.shapes(None, None, cache_dtype)])
 
 
 class LastLogitsStep(nn.Cell):

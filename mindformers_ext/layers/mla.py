@@ -26,7 +26,7 @@ from typing import Optional
 
 from mindspore import ops
 
-from mindformers_ext.cache import CacheWriter
+from mindformers_ext.cache import CachedTensor
 from mindformers_ext.layers.attention import GroupedAttentionCore
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.layers.norm import RMSNorm
@@ -48,7 +48,7 @@ class MultiLatentAttention(ShardedCell):
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, scale: float,
                  attention_bias: bool = False, compute_dtype: str = "float32", param_init_type: str = "float32",
                  softmax_compute_type: str = "float32", layernorm_compute_type: str = "float32",
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
         super().__init__()
         self.heads, self.q_lora_rank, self.kv_lora_rank = heads, q_lora_rank, kv_lora_rank
         self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -73,7 +73,7 @@ class MultiLatentAttention(ShardedCell):
         # (latent + rope) and the rope part of the output is dropped, so the cache is never sliced.
         self.latent_core = GroupedAttentionCore(heads, 1, self.latent_dim, self.latent_dim, scale,
                                                 softmax_compute_type)
-        self.write_cache = CacheWriter()
+        self.cache_latent = CachedTensor(kv_cache_int8)
         self.reshape = ops.Reshape()
         self.transpose = ops.Transpose()
         self.concat = ops.Concat(-1)
@@ -138,11 +138,12 @@ class MultiLatentAttention(ShardedCell):
         """
         q_nope, q_pe = self._query(x, cos, sin)
         c_kv, k_pe = self._latent(x, cos, sin)
+        if decode:
+            new_cache, latent = self.cache_latent(cache, self._cache_entry(c_kv, k_pe), slot)
+            return self._absorbed(q_nope, q_pe, latent, mask), new_cache
         new_cache = ()
         if cache is not None:
-            new_cache = (self.write_cache(cache[0], self._cache_entry(c_kv, k_pe), slot),)
-        if decode:
-            return self._absorbed(q_nope, q_pe, new_cache[0], mask), new_cache
+            new_cache, _ = self.cache_latent(cache, self._cache_entry(c_kv, k_pe), slot)
         bs, seq, _ = x.shape
         kv = self.reshape(self.lkv2kv(c_kv), (bs, seq, self.heads, self.nope + self.v_dim))
         k_nope, v = kv[..., :self.nope], kv[..., self.nope:]

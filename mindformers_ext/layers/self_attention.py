@@ -6,7 +6,7 @@ import math
 
 from mindspore import ops
 
-from mindformers_ext.cache import CacheWriter
+from mindformers_ext.cache import CachedTensor
 from mindformers_ext.layers.attention import GroupedAttentionCore
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.layers.rotary import ApplyRotary
@@ -19,7 +19,7 @@ class CausalSelfAttention(ShardedCell):
     def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
                  qkv_bias: bool = False, out_bias: bool = False, compute_dtype: str = "float32",
                  param_init_type: str = "float32", softmax_compute_type: str = "float32",
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
@@ -31,8 +31,8 @@ class CausalSelfAttention(ShardedCell):
         self.rotary_k = ApplyRotary(kv_heads, head_dim)
         self.core = GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
                                          softmax_compute_type)
-        self.write_k = CacheWriter()
-        self.write_v = CacheWriter()
+        self.cache_k = CachedTensor(kv_cache_int8)
+        self.cache_v = CachedTensor(kv_cache_int8)
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -64,8 +64,9 @@ class CausalSelfAttention(ShardedCell):
         q, k, v = self._project(x, cos, sin)
         if cache is None:
             return self.wo(self.core(q, k, v, mask)), ()
-        k_cache = self.write_k(cache[0], k, slot)
-        v_cache = self.write_v(cache[1], v, slot)
+        n = self.cache_k.size
+        k_entries, k_all = self.cache_k(cache[:n], k, slot)
+        v_entries, v_all = self.cache_v(cache[n:], v, slot)
         if decode:
-            k, v = k_cache, v_cache
-        return self.wo(self.core(q, k, v, mask)), (k_cache, v_cache)
+            k, v = k_all, v_all
+        return self.wo(self.core(q, k, v, mask)), k_entries + v_entries

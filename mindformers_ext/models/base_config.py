@@ -5,7 +5,7 @@ each family's config adds its architecture fields on top.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.modules.transformer.transformer import TransformerOpParallelConfig, default_transformer_config
@@ -37,6 +37,7 @@ class CausalLMConfigBase(PretrainedConfig):
                  initializer_range: float = 0.02,
                  use_past: bool = False,
                  use_flash_attention: bool = False,
+                 kv_cache_dtype: Optional[str] = None,
                  parallel_config: Union[dict, TransformerOpParallelConfig] = default_transformer_config,
                  offset: Union[int, list] = 0,
                  checkpoint_name_or_path: str = "",
@@ -63,6 +64,10 @@ class CausalLMConfigBase(PretrainedConfig):
                            "portable attention core (softmax(q k^T * scale + mask) v) on every backend; there is "
                            "no flash-attention kernel path yet")
         self.use_flash_attention = use_flash_attention
+        if kv_cache_dtype not in (None, "int8"):
+            raise ValueError(f"kv_cache_dtype must be int8 or unset (the cache then keeps compute_dtype), "
+                             f"got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype
         self.parallel_config = parallel_config
         self.offset = offset
         self.checkpoint_name_or_path = checkpoint_name_or_path

@@ -23,7 +23,7 @@ from mindspore import ops
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.cache import CacheSpec, CacheWriter
+from mindformers_ext.cache import CacheSpec, CachedTensor
 from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
@@ -54,7 +54,7 @@ class GPTBigCodeAttention(ShardedCell):
 
     def __init__(self, hidden_size: int, heads: int, multi_query: bool = True, scale_attn_weights: bool = True,
                  compute_dtype: str = "float32", param_init_type: str = "float32",
-                 softmax_compute_type: str = "float32", init_std: float = 0.02) -> None:
+                 softmax_compute_type: str = "float32", init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
         super().__init__()
         if hidden_size % heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by heads ({heads})")
@@ -73,8 +73,8 @@ class GPTBigCodeAttention(ShardedCell):
         scale = self.head_dim ** -0.5 if scale_attn_weights else 1.0
         self.core = GPTBigCodeAttentionCore(heads, self.kv_heads, self.head_dim, self.head_dim, scale,
                                             softmax_compute_type)
-        self.write_k = CacheWriter()
-        self.write_v = CacheWriter()
+        self.cache_k = CachedTensor(kv_cache_int8)
+        self.cache_v = CachedTensor(kv_cache_int8)
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -111,11 +111,12 @@ class GPTBigCodeAttention(ShardedCell):
         q, k, v = self._project(x)
         if cache is None:
             return self.c_proj(self.core(q, k, v, mask)), ()
-        k_cache = self.write_k(cache[0], k, slot)
-        v_cache = self.write_v(cache[1], v, slot)
+        n = self.cache_k.size
+        k_entries, k_all = self.cache_k(cache[:n], k, slot)
+        v_entries, v_all = self.cache_v(cache[n:], v, slot)
         if decode:
-            k, v = k_cache, v_cache
-        return self.c_proj(self.core(q, k, v, mask)), (k_cache, v_cache)
+            k, v = k_all, v_all
+        return self.c_proj(self.core(q, k, v, mask)), k_entries + v_entries
 
 
 class GPTBigCodeDecoderLayer(ShardedCell):
@@ -131,7 +132,8 @@ class GPTBigCodeDecoderLayer(ShardedCell):
         self.attention_norm = LayerNorm(config.hidden_size, **norm)
         self.attention = GPTBigCodeAttention(config.hidden_size, config.num_heads, config.multi_query,
                                              config.scale_attn_weights,
-                                             softmax_compute_type=config.softmax_compute_type, **common)
+                                             softmax_compute_type=config.softmax_compute_type,
+                                             kv_cache_int8=config.kv_cache_dtype == "int8", **common)
         self.ffn_norm = LayerNorm(config.hidden_size, **norm)
         self.feed_forward = GeluMLP(config.hidden_size, config.intermediate_size, config.gelu_approximate,
                                     True, **common)
@@ -159,7 +161,7 @@ class GPTBigCodeModel(ShardedCell):
         super().__init__()
         self.num_layers = config.num_layers
         self.cache_spec = CacheSpec(((config.kv_heads, config.hidden_size // config.num_heads),) * 2,
-                                    config.num_layers)
+                                    config.num_layers, config.kv_cache_dtype == "int8")
         dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)

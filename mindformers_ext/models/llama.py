@@ -30,7 +30,8 @@ class LlamaDecoderLayer(ShardedCell):
         self.attention_norm = RMSNorm(config.hidden_size, **norm)
         self.attention = CausalSelfAttention(config.hidden_size, config.num_heads, config.kv_heads, config.head_dim,
                                              qkv_bias=config.qkv_has_bias, out_bias=config.attn_proj_has_bias,
-                                             softmax_compute_type=config.softmax_compute_type, **common)
+                                             softmax_compute_type=config.softmax_compute_type,
+                                             kv_cache_int8=config.kv_cache_dtype == "int8", **common)
         self.ffn_norm = RMSNorm(config.hidden_size, **norm)
         self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias, **common)
 
@@ -54,7 +55,8 @@ class LlamaModel(ShardedCell):
     def __init__(self, config: LlamaFamilyConfig) -> None:
         super().__init__()
         self.num_layers = config.num_layers
-        self.cache_spec = CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers)
+        self.cache_spec = CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers,
+                                    config.kv_cache_dtype == "int8")
         dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)

@@ -24,7 +24,8 @@ class DeepseekV2Attention(MultiLatentAttention):
                          config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.softmax_scale(),
                          attention_bias=config.attention_bias, compute_dtype=config.compute_dtype,
                          param_init_type=config.param_init_type, softmax_compute_type=config.softmax_compute_type,
-                         layernorm_compute_type=config.layernorm_compute_type, init_std=config.initializer_range)
+                         layernorm_compute_type=config.layernorm_compute_type, init_std=config.initializer_range,
+                         kv_cache_int8=config.kv_cache_dtype == "int8")
 
 
 class DeepseekV2DecoderLayer(ShardedCell):
@@ -70,7 +71,8 @@ class DeepseekV2Model(ShardedCell):
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
         self.num_layers = config.num_layers
-        self.cache_spec = CacheSpec(((1, config.kv_lora_rank + config.qk_rope_head_dim),), config.num_layers)
+        self.cache_spec = CacheSpec(((1, config.kv_lora_rank + config.qk_rope_head_dim),), config.num_layers,
+                                    config.kv_cache_dtype == "int8")
         dp, mp, pp, ep = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)
