@@ -6,7 +6,9 @@ Default one thread per framework: with more, MindSpore's and torch's thread pool
 and the cores, and torch's timings collapse (HF tiny decode fell from 470 to 12.5 tokens/s), which
 would flatter our ratio. Pass --threads 2 to see that configuration.
 
-    python bench/decode.py                 # tiny and ~150M Llama and GPT-BigCode, batch 1 and 8, 128 new tokens
+    python bench/decode.py                 # every model below, batch 1 and 8, 128 new tokens:
+                                           # tiny, llama-150m (Llama), bigcode-tiny, bigcode-150m (GPT-BigCode),
+                                           # ds2-tiny, ds2-moe-150m (DeepSeek-V2: MLA latent cache, MoE)
     python bench/decode.py --models bigcode-tiny bigcode-150m
     python bench/decode.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA latent cache, MoE)
     python bench/decode.py --models tiny --batches 1 --new_tokens 32

@@ -10,7 +10,9 @@ timed steps after warm-up; the MindSpore graph compile is reported separately) a
 The first and last losses of both sides are printed too: the same weights, data and update rule
 give the same losses step by step.
 
-    python bench/train.py                       # tiny and ~150M Llama and GPT-BigCode
+    python bench/train.py                       # every model below:
+                                                # tiny, llama-150m (Llama), bigcode-tiny, bigcode-150m (GPT-BigCode),
+                                                # ds2-tiny, ds2-moe-150m (DeepSeek-V2: MLA, DeepSeekMoE)
     python bench/train.py --models bigcode-tiny bigcode-150m
     python bench/train.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA, DeepSeekMoE)
     python bench/train.py --models tiny --steps 5 --batch 2 --seq 64

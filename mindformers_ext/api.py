@@ -21,7 +21,8 @@ __all__ = ["build_generator", "build_text_generator", "Completion", "GENERATION_
 
 def build_text_generator(config_path: str, load_checkpoint: Optional[str] = None,
                          overrides: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None,
-                         device_target: Optional[str] = None, **gen_kwargs: Any) -> TextGenerator:
+                         device_target: Optional[str] = None, random_weights: bool = False,
+                         **gen_kwargs: Any) -> TextGenerator:
     """A :class:`TextGenerator` (``generate(prompts) -> list[Completion]`` with ids) for a YAML.
 
     Args:
@@ -30,6 +31,9 @@ def build_text_generator(config_path: str, load_checkpoint: Optional[str] = None
         overrides: dotted YAML keys to override, e.g. ``{"model.model_config.seq_length": 4096}``.
         batch_size: prompts per ``generate`` call (default: all the prompts of a call).
         device_target: "CPU" / "Ascend" / "GPU"; default: the YAML's, CPU when no Ascend is present.
+        random_weights: run without a checkpoint (random weights, warned about on every run); without
+            it, no checkpoint (argument, YAML ``load_checkpoint`` or ``checkpoint_name_or_path``) is an
+            error (:class:`mindformers_ext.checkpoint.CheckpointError`).
         **gen_kwargs: generation defaults (``max_new_tokens``, ``do_sample``, ``top_k``, ``top_p``,
             ``temperature``, ``repetition_penalty``, ``eos_token_id``, ``use_past``, ``seed``), and
             ``stop_strings`` (completions are cut before the first one).
@@ -45,7 +49,7 @@ def build_text_generator(config_path: str, load_checkpoint: Optional[str] = None
     config = build_config(args, overrides)
     adapt_to_device(config, explicit_target=device_target is not None)
     ensure_context(config)
-    return TextGenerator(config, batch_size=batch_size, **gen_kwargs)
+    return TextGenerator(config, batch_size=batch_size, random_weights=random_weights, **gen_kwargs)
 
 
 def build_generator(config_path: str, load_checkpoint: Optional[str] = None,
@@ -53,7 +57,7 @@ def build_generator(config_path: str, load_checkpoint: Optional[str] = None,
     """A function from prompts to completions (new text only), built from a YAML and a checkpoint.
 
     ``gen_kwargs``: generation defaults as for :func:`build_text_generator` (``max_new_tokens``,
-    ``do_sample``, ...), plus ``batch_size``, ``overrides`` and ``device_target``.
+    ``do_sample``, ...), plus ``batch_size``, ``overrides``, ``device_target`` and ``random_weights``.
     """
     generator = build_text_generator(config_path, load_checkpoint, **gen_kwargs)
 

@@ -393,7 +393,9 @@ def test_failure_mid_write_leaves_previous_output(hf, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["good.ckpt", "m.ckpt"]
 
 
-def test_pickle_refused_unless_allowed(hf, tmp_path, capsys):
+def test_bin_state_dicts_convert_and_other_pickles_need_allow_pickle(hf, tmp_path, capsys):
+    """HF's pytorch_model.bin (torch's zip format, a dict of tensors) converts without --allow-pickle
+    through the restricted unpickler, bit-exactly as the safetensors; a .pt pickle needs the flag."""
     import torch
     from safetensors.torch import load_file
 
@@ -403,15 +405,23 @@ def test_pickle_refused_unless_allowed(hf, tmp_path, capsys):
     state = load_file(os.path.join(hf["plain"], "model.safetensors"))
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old HF checkpoints have these
     torch.save(state, str(src / "pytorch_model.bin"))
-    _expect_failure(str(src), str(tmp_path), "pytorch_model.bin", "--allow-pickle")
     out = str(tmp_path / "out.ckpt")
-    assert cli_main(["--model", "deepseek", "--input_path", str(src), "--output_path", out, "--no_progress"]) == 1
-    assert "--allow-pickle" in capsys.readouterr().err and not os.path.exists(out)
-    assert cli_main(["--model", "deepseek", "--input_path", str(src), "--output_path", out, "--no_progress",
-                     "--allow-pickle"]) == 0
+    assert cli_main(["--model", "deepseek", "--input_path", str(src), "--output_path", out, "--no_progress"]) == 0
     ref = str(tmp_path / "ref.ckpt")
     convert(hf["plain"], ref, "deepseek", progress=False)
     with open(out, "rb") as a, open(ref, "rb") as b:
+        assert a.read() == b.read()
+    os.rename(src / "pytorch_model.bin", src / "model.pt")
+    (tmp_path / "refused").mkdir()
+    _expect_failure(str(src / "model.pt"), str(tmp_path / "refused"), "model.pt", "--allow-pickle",
+                    config=str(src / "config.json"))
+    pt_out = str(tmp_path / "pt_out.ckpt")
+    assert cli_main(["--model", "deepseek", "--input_path", str(src / "model.pt"), "--config",
+                     str(src / "config.json"), "--output_path", pt_out, "--no_progress"]) == 1
+    assert "--allow-pickle" in capsys.readouterr().err and not os.path.exists(pt_out)
+    assert cli_main(["--model", "deepseek", "--input_path", str(src / "model.pt"), "--config",
+                     str(src / "config.json"), "--output_path", pt_out, "--no_progress", "--allow-pickle"]) == 0
+    with open(pt_out, "rb") as a, open(ref, "rb") as b:
         assert a.read() == b.read()
 
 

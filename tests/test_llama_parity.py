@@ -100,3 +100,13 @@ def test_generate_stops_at_eos_and_returns_prompt_plus_new(pairs):
     new = full[len(prompt):]
     got = ours.generate([prompt], max_new_tokens=10, eos_token_id=stop)[0].tolist()
     assert got == prompt + new[:new.index(stop) + 1]
+
+
+@pytest.mark.parametrize("variant,context", [("v1_linear", 512), ("dynamic", 64), ("yarn", 128)])
+def test_generate_checks_the_context_with_rope_scaling(pairs, variant, context):
+    """Prompt + new tokens are checked against the effective context before any work: PI and YaRN
+    configs give it extended already; dynamic NTK extends its 32-position table by its factor 2."""
+    ours, _ = pairs[variant]
+    assert ours.config.context_length() == context
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {context} positions"):
+        ours.generate([[5] * (context - 10)], max_new_tokens=11)

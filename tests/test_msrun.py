@@ -38,28 +38,38 @@ def fake_msrun(tmp_path):
     return env
 
 
-def _args(result):
+def _args(result, cwd=None, log_dir="output/msrun_log"):
+    """msrun's arguments as the fake printed them: on the console with JOIN True, in
+    LOG_DIR/msrun_console.log with JOIN False (the launcher always waits: msrun --join=True)."""
     assert result.returncode == 0, result.stdout + result.stderr
-    return [line[4:] for line in result.stdout.splitlines() if line.startswith("ARG ")]
+    text = result.stdout
+    console = os.path.join(cwd or ".", log_dir, "msrun_console.log")
+    if os.path.exists(console):
+        with open(console, encoding="utf-8") as f:
+            text += f.read()
+    return [line[4:] for line in text.splitlines() if line.startswith("ARG ")]
 
 
-def test_argument_forms_and_defaults(fake_msrun):
+def test_argument_forms_and_defaults(fake_msrun, tmp_path):
     cmd = "tools/run_mindformer.py --config 'a b.yaml' --run_mode finetune"
     tail = ["tools/run_mindformer.py", "--config", "a b.yaml", "--run_mode", "finetune"]
-    one = _launch(cmd, env=fake_msrun)
+    one = _launch(cmd, env=fake_msrun, cwd=tmp_path)
     assert "default 8 local workers" in one.stdout
-    assert _args(one) == ["--worker_num=8", "--local_worker_num=8", "--master_port=8118",
-                          "--log_dir=output/msrun_log", "--join=False", "--cluster_time_out=7200", *tail]
-    assert _args(_launch(cmd, "2", env=fake_msrun))[:2] == ["--worker_num=2", "--local_worker_num=2"]
-    assert _args(_launch(cmd, "4", "9000", "logs/x", "True", "300", env=fake_msrun)) == [
-        "--worker_num=4", "--local_worker_num=4", "--master_port=9000", "--log_dir=logs/x", "--join=True",
-        "--cluster_time_out=300", *tail]
+    assert _args(one, tmp_path) == ["--worker_num=8", "--local_worker_num=8", "--master_port=8118",
+                                    "--log_dir=output/msrun_log", "--join=True", "--cluster_time_out=7200", *tail]
+    assert _args(_launch(cmd, "2", env=fake_msrun, cwd=tmp_path), tmp_path)[:2] == ["--worker_num=2",
+                                                                                     "--local_worker_num=2"]
+    assert _args(_launch(cmd, "4", "9000", "logs/x", "True", "300", env=fake_msrun, cwd=tmp_path), tmp_path,
+                 "logs/x") == ["--worker_num=4", "--local_worker_num=4", "--master_port=9000", "--log_dir=logs/x",
+                               "--join=True", "--cluster_time_out=300", *tail]
     # the seed README's 9-argument single-node form, then a real two-node one
     assert _args(_launch(cmd, "8", "8", "127.0.0.1", "9543", "0", "output/msrun_log", "False", "3000",
-                         env=fake_msrun))[:3] == ["--worker_num=8", "--local_worker_num=8", "--master_port=9543"]
-    assert _args(_launch(cmd, "16", "8", "10.0.0.1", "9543", "1", "log", "False", "3000", env=fake_msrun)) == [
+                         env=fake_msrun, cwd=tmp_path), tmp_path)[:3] == ["--worker_num=8", "--local_worker_num=8",
+                                                                          "--master_port=9543"]
+    assert _args(_launch(cmd, "16", "8", "10.0.0.1", "9543", "1", "log", "False", "3000", env=fake_msrun, cwd=tmp_path),
+                 tmp_path, "log") == [
         "--worker_num=16", "--local_worker_num=8", "--master_addr=10.0.0.1", "--master_port=9543", "--node_rank=1",
-        "--log_dir=log", "--join=False", "--cluster_time_out=3000", *tail]
+        "--log_dir=log", "--join=True", "--cluster_time_out=3000", *tail]
 
 
 def test_wrong_arguments_and_missing_msrun(fake_msrun, tmp_path):

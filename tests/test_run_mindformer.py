@@ -331,10 +331,11 @@ def test_predict_matches_hf_generate(tmp_path):
 
 
 def test_api_build_generator_subprocess(tmp_path):
-    """mindformers_ext.api.build_generator: prompts in, new text out (random weights, seeded)."""
+    """mindformers_ext.api.build_generator: prompts in, new text out (random weights on request, seeded)."""
     code = ("import json, sys\n"
             "from mindformers_ext.api import build_generator\n"
-            f"g = build_generator({PREDICT_TINY!r}, None, max_new_tokens=4, use_past=True, do_sample=False,\n"
+            f"g = build_generator({PREDICT_TINY!r}, None, random_weights=True, max_new_tokens=4, use_past=True,\n"
+            "                    do_sample=False,\n"
             "                    top_k=0, top_p=0.95, temperature=1.0, seed=None, stop_strings=['\\ndef'])\n"
             "a = g(['def f(x):', 'import os'])\n"
             "b = g.generator.generate(['def f(x):'], use_past=False)\n"
@@ -348,6 +349,7 @@ def test_api_build_generator_subprocess(tmp_path):
     texts, text_no_cache, count = json.loads(line[len("RESULT "):])
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
     assert text_no_cache == texts[0] and count == 4  # cache on / off agree
+    assert "randomly initialised weights" in result.stderr  # warned on every run
 
 
 def test_register_path_imports_and_registers(tmp_path, monkeypatch):

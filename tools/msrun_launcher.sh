@@ -14,6 +14,11 @@
 # "tools/run_mindformer.py --config ..." works from a source checkout. MF_LOG_SUFFIX appends a
 # suffix to the log directories; MSRUN (environment) names the msrun executable to use.
 # Worker logs: LOG_DIR/worker_<rank>.log; scheduler: LOG_DIR/scheduler.log.
+#
+# The launcher always waits for the workers (msrun --join=True) and exits non-zero when any worker
+# (or msrun) fails, printing the last error lines of each failed worker's log. JOIN chooses what the
+# console shows meanwhile: True, msrun's output with every worker's log; False (default), msrun's
+# output goes to LOG_DIR/msrun_console.log and only the result is printed.
 
 usage() {
   cat >&2 <<'EOF'
@@ -114,21 +119,74 @@ if [ "${PLOG_REDICT_TO_OUTPUT:-False}" != "False" ]; then
   export ASCEND_PROCESS_LOG_PATH=$WORKSPACE_PATH/output/plog${MF_LOG_SUFFIX:-}
 fi
 
+# msrun waits for its workers and fails when one does only with --join=True: always ask for it.
 if [ "$WORKER_NUM" -eq "$LOCAL_WORKER" ]; then
   [ $# -eq 9 ] && echo "msrun_launcher.sh: WORKER_NUM equals LOCAL_WORKER: the job runs on this node only"
   MSRUN_ARGS=(--worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_port="$MASTER_PORT"
-              --log_dir="$LOG_DIR" --join="$JOIN" --cluster_time_out="$CLUSTER_TIME_OUT")
+              --log_dir="$LOG_DIR" --join=True --cluster_time_out="$CLUSTER_TIME_OUT")
 else
   echo "msrun_launcher.sh: $WORKER_NUM workers, $LOCAL_WORKER on this node (node_rank $NODE_RANK): start the other nodes with their node_rank"
   MSRUN_ARGS=(--worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_addr="$MASTER_ADDR"
-              --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join="$JOIN"
+              --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join=True
               --cluster_time_out="$CLUSTER_TIME_OUT")
 fi
 
 ulimit -u unlimited 2>/dev/null || true
 
+# The last error lines of every worker log that holds an error (or of every log when none does).
+report_failed_workers() {
+  local logs=() log shown=0
+  shopt -s nullglob
+  logs=("$LOG_DIR"/worker_*.log)
+  shopt -u nullglob
+  if [ ${#logs[@]} -eq 0 ]; then
+    echo "msrun_launcher.sh: no worker log in $LOG_DIR (did msrun start the workers?)" >&2
+    [ -f "$CONSOLE_LOG" ] && { echo "--- last lines of $CONSOLE_LOG:" >&2; tail -n 20 "$CONSOLE_LOG" >&2; }
+    return
+  fi
+  for log in $(printf '%s\n' "${logs[@]}" | sort -V); do
+    local line start trace
+    # the last "SomeError: ..." line, and the traceback that leads to it (its last 12 lines)
+    line=$(grep -n -E '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Exit|Interrupt)\b' "$log" | tail -n 1 | cut -d: -f1)
+    if [ -n "$line" ]; then
+      shown=1
+      start=$line
+      trace=$(head -n "$line" "$log" | grep -n '^Traceback (most recent call last)' | tail -n 1 | cut -d: -f1)
+      if [ -n "$trace" ]; then
+        start=$(( line - 12 > trace ? line - 12 : trace ))
+      fi
+      echo "--- $log: last error (line $line):" >&2
+      tail -n +"$start" "$log" | grep -v -E '^\[(INFO|WARNING|DEBUG)\]' | head -n $(( line - start + 12 )) >&2
+    fi
+  done
+  if [ $shown -eq 0 ]; then
+    for log in $(printf '%s\n' "${logs[@]}" | sort -V); do
+      echo "--- $log: last lines:" >&2
+      grep -v -E '^\[(INFO|DEBUG)\]' "$log" | tail -n 10 >&2
+    done
+  fi
+}
+
 echo "Running command: $MSRUN ${MSRUN_ARGS[*]} $COMMAND"
 echo "Worker logs: $LOG_DIR/worker_<rank>.log"
+mkdir -p "$LOG_DIR" || fail "cannot create LOG_DIR $LOG_DIR"
+CONSOLE_LOG="$LOG_DIR/msrun_console.log"
 # The command is one string holding a script and its arguments (as in MindFormers): word-split it.
-# shellcheck disable=SC2086
-eval exec "\"\$MSRUN\"" "\"\${MSRUN_ARGS[@]}\"" $COMMAND
+case $JOIN in
+  True|true)
+    # shellcheck disable=SC2086
+    eval "\"\$MSRUN\"" "\"\${MSRUN_ARGS[@]}\"" $COMMAND
+    STATUS=$? ;;
+  *)
+    echo "msrun_launcher.sh: waiting for the workers (JOIN False: msrun's output goes to $CONSOLE_LOG)"
+    # shellcheck disable=SC2086
+    eval "\"\$MSRUN\"" "\"\${MSRUN_ARGS[@]}\"" $COMMAND > "$CONSOLE_LOG" 2>&1
+    STATUS=$? ;;
+esac
+if [ $STATUS -ne 0 ]; then
+  echo "msrun_launcher.sh: error: the job failed (msrun exit status $STATUS); logs in $LOG_DIR" >&2
+  report_failed_workers
+  exit $STATUS
+fi
+echo "msrun_launcher.sh: all $LOCAL_WORKER local workers finished successfully"
+exit 0

@@ -6,6 +6,7 @@ Flags follow upstream MindFormers' ``convert_weight.py`` (``--model --input_path
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -14,6 +15,7 @@ from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.registry import available_models
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+SEED_CKPT_NAME = "transform.ckpt"  # the DeepSeek seeds' default --mindspore_ckpt_path
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -24,21 +26,37 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--input_path", required=True,
                         help="forward: HF model dir, .safetensors file or index; reversed: our .ckpt")
     parser.add_argument("--output_path", required=True,
-                        help="forward: OUT.ckpt (or OUT.safetensors with our names); reversed: HF output dir")
+                        help="forward: OUT.ckpt (or OUT.safetensors with our names), or a directory to write "
+                             "<model>.ckpt into; reversed: HF output dir")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="convert float tensors (default: keep)")
     parser.add_argument("--reversed", action="store_true", help="MindSpore checkpoint -> HF safetensors")
     parser.add_argument("--config", default=None,
                         help="HF config.json or our YAML (model.model_config); forward default: the HF dir's "
                              "config.json; required with --reversed (becomes the output's config.json)")
     parser.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
-                        help="accept pickled .bin/.pt checkpoints (read with torch.load(weights_only=True))")
+                        help="accept arbitrary pickles (.pt / .pth, legacy torch files; read with "
+                             "torch.load(weights_only=True)); HF's .bin state dicts need no flag (restricted reader)")
     parser.add_argument("--max_shard_size", default="5GB", help="reversed: shard size of the HF output (5GB)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+def output_file(output_path: str, reverse: bool, default_name: str) -> str:
+    """Where a forward conversion writes: ``output_path``, or ``output_path/default_name`` when it is an
+    existing directory or ends with a path separator (the seeds write ``--mindspore_path ./ckpt/rank_0``)."""
+    if reverse:
+        return output_path
+    if os.path.isdir(output_path) or output_path.endswith(("/", os.sep)):
+        os.makedirs(output_path, exist_ok=True)
+        return os.path.join(output_path, default_name)
+    return output_path
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, default_name: Optional[str] = None) -> int:
+    """Run the converter; ``default_name``: the file written inside a directory ``--output_path``
+    (default ``<model>.ckpt``)."""
     args = build_parser(prog).parse_args(argv)
+    args.output_path = output_file(args.output_path, args.reversed, default_name or f"{args.model}.ckpt")
     try:
         result = convert(args.input_path, args.output_path, args.model, dtype=args.dtype,
                          progress=not args.no_progress, config=args.config, reverse=args.reversed,
@@ -63,8 +81,8 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
     :func:`main` with ``--model model`` (``--reversed`` swaps which path is read)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--torch_ckpt_path", required=True, help="HF model directory (input; output with --reversed)")
-    parser.add_argument("--mindspore_ckpt_path", default="transform.ckpt",
-                        help="MindSpore .ckpt (output; input with --reversed)")
+    parser.add_argument("--mindspore_ckpt_path", default=SEED_CKPT_NAME,
+                        help=f"MindSpore .ckpt (output; input with --reversed); a directory gets {SEED_CKPT_NAME} in it")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
     parser.add_argument("--reversed", action="store_true", help="MindSpore checkpoint -> HF safetensors")
     parser.add_argument("--config", default=None, help="HF config.json or our YAML")
@@ -77,4 +95,4 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
         if value:
             forwarded += [flag, value]
     forwarded += ["--reversed"] * args.reversed + ["--allow-pickle"] * args.allow_pickle
-    return main(forwarded, prog=prog)
+    return main(forwarded, prog=prog, default_name=SEED_CKPT_NAME)

@@ -1,4 +1,5 @@
-"""Pickled PyTorch checkpoints (``.bin`` / ``.pt`` / ``.pth``), only when the user allows it.
+"""Pickled PyTorch checkpoints that the restricted reader (:mod:`mindformers_ext.convert.torch_zip`, HF's
+``.bin`` state dicts) does not cover (``.pt`` / ``.pth``, legacy-format files), only when the user allows it.
 
 Unpickling can run arbitrary code, so this path is opt-in (``--allow-pickle``) and even then uses
 ``torch.load(weights_only=True)``. Files are loaded one at a time (memory-mapped when the file uses
@@ -22,11 +23,12 @@ _TORCH_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16"
 
 
 def refuse_pickle(path: str) -> ConversionError:
-    """The error for a pickled checkpoint met without ``allow_pickle``."""
+    """The error for a pickle that the restricted ``.bin`` reader does not cover, met without ``allow_pickle``."""
     return ConversionError(
-        f"{path} is a pickled PyTorch checkpoint; loading a pickle can execute arbitrary code. Convert it to "
-        "safetensors first, or pass --allow-pickle (allow_pickle=True) if you trust the file "
-        "(it is then read with torch.load(weights_only=True)).")
+        f"{path} is a pickled PyTorch checkpoint that is not a torch-zip .bin state dict (a .pt / .pth file, or "
+        "torch's legacy format); loading such a pickle can execute arbitrary code. Convert it to safetensors "
+        "first, or pass --allow-pickle (allow_pickle=True) if you trust the file (it is then read with "
+        "torch.load(weights_only=True)).")
 
 
 def _torch():

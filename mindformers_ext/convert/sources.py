@@ -11,6 +11,7 @@ from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.pickle_io import PICKLE_SUFFIXES, PickleFiles, refuse_pickle
 from mindformers_ext.convert.safetensors_io import INDEX_NAME, read_index, read_safetensors_header
 from mindformers_ext.convert.tensors import TensorEntry
+from mindformers_ext.convert.torch_zip import UnsafePickleError, is_torch_zip, read_torch_zip_index
 
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -20,7 +21,7 @@ class WeightSource:
     """Tensors of a checkpoint; ``path`` (file or directory) names it in messages."""
 
     path: str
-    format: str  # "safetensors" | "ckpt" | "pickle"
+    format: str  # "safetensors" | "ckpt" | "torch-zip" (restricted unpickler) | "pickle" (torch.load)
     _lister: Callable[[], list[TensorEntry]]
 
     def entries(self) -> list[TensorEntry]:
@@ -56,7 +57,7 @@ def open_source(path: str, allow_pickle: bool = False) -> WeightSource:
     if name.endswith(PICKLE_SUFFIXES):
         return _pickles(path, [path], allow_pickle)
     raise ConversionError(f"{path}: unknown checkpoint format (expected .safetensors, an .index.json, "
-                          ".ckpt, or with --allow-pickle .bin/.pt/.pth)")
+                          ".ckpt, a torch .bin state dict, or with --allow-pickle .pt/.pth)")
 
 
 def _open_dir(path: str, allow_pickle: bool) -> WeightSource:
@@ -122,6 +123,28 @@ def _safetensors(label: str, files: list[str]) -> WeightSource:
 
 
 def _pickles(label: str, files: list[str], allow_pickle: bool) -> WeightSource:
-    if not allow_pickle:
-        raise refuse_pickle(files[0] if len(files) == 1 else label)
-    return WeightSource(label, "pickle", PickleFiles(files).entries)
+    """Pickled checkpoints. HF's ``.bin`` state dicts (torch's zip format) are read by a restricted
+    unpickler that resolves only what a dict of tensors needs (:mod:`mindformers_ext.convert.torch_zip`),
+    with or without ``allow_pickle``; anything else (``.pt`` / ``.pth``, legacy-format files, pickles
+    holding other objects) needs ``allow_pickle`` and is then read with ``torch.load(weights_only=True)``."""
+    safe = [f for f in files if f.endswith(".bin") and is_torch_zip(f)]
+    if len(safe) != len(files):
+        if not allow_pickle:
+            other = next(f for f in files if f not in safe)
+            raise refuse_pickle(other if len(files) > 1 else files[0])
+        return WeightSource(label, "pickle", PickleFiles(files).entries)
+
+    def lister() -> list[TensorEntry]:
+        out: list[TensorEntry] = []
+        for f in files:
+            try:
+                out.extend(read_torch_zip_index(f))
+            except UnsafePickleError as exc:
+                if not allow_pickle:
+                    raise ConversionError(
+                        f"{exc}. Loading it could execute arbitrary code: pass --allow-pickle (allow_pickle=True) "
+                        "if you trust the file (it is then read with torch.load(weights_only=True))") from exc
+                out.extend(PickleFiles([f]).entries())
+        return out
+
+    return WeightSource(label, "torch-zip", lister)

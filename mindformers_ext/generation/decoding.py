@@ -143,13 +143,13 @@ class DecodingMixin:
         prompts = _as_prompt_list(input_ids, opts["pad_token_id"])
         longest = max(len(p) for p in prompts)
         max_new = opts["max_new_tokens"] if opts["max_new_tokens"] is not None else opts["max_length"] - longest
-        limit = getattr(self.config, "max_position_embedding", None) or getattr(self.config, "seq_length", None)
         if max_new < 1:
             raise ValueError(f"nothing to generate: the longest prompt has {longest} tokens and max_length is "
                              f"{opts['max_length']}; pass max_new_tokens")
-        if limit and longest + max_new > limit and getattr(self.config, "extend_method", "None") == "None":
-            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new}) exceeds the model's "
-                             f"max_position_embedding ({limit})")
+        limit = self.config.context_length()
+        if longest + max_new > limit:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new}) exceeds the model's context of "
+                             f"{limit} positions (max_position_embedding, with its rope scaling)")
         params = SamplingParams(opts["do_sample"], float(opts["temperature"]), int(opts["top_k"] or 0),
                                 float(opts["top_p"]), float(opts["repetition_penalty"]))
         params.validate()

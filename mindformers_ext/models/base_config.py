@@ -78,6 +78,11 @@ class CausalLMConfigBase(PretrainedConfig):
         self.do_sample = do_sample
 
 
+    def context_length(self) -> int:
+        """The most positions (prompt + new tokens) the model is meant to handle."""
+        return int(getattr(self, "max_position_embedding", None) or self.seq_length)
+
+
 def rotary_dtype_field(value: Any) -> str:
     """``rotary_dtype`` as given (upstream YAMLs set it); anything but float32 is reported as unused."""
     name = canonical_dtype(value)

@@ -75,6 +75,22 @@ class CausalLMBase(DecodingMixin, PreTrainedModel):
         self.loss = CausalLMLoss(config.vocab_size, getattr(config, "ignore_token_id", -100))
         self.loss.shard(dp, mp)
         self.cast = ops.Cast()
+        # every parameter exists now (the family's stack is passed in): load config.checkpoint_name_or_path
+        self.load_checkpoint(config)
+
+    def load_checkpoint(self, config) -> None:
+        """MindFormers' hook: load ``config.checkpoint_name_or_path`` (a checkpoint file or directory).
+
+        Unlike MindFormers' default (which skips whatever does not match), the checkpoint must hold a
+        weight of the right shape for every parameter and nothing of another model; a missing path
+        or a non-matching file raises :class:`mindformers_ext.checkpoint.CheckpointError`. A directory
+        loads the newest checkpoint in it that fits. Empty / None: nothing is loaded.
+        """
+        path = getattr(config, "checkpoint_name_or_path", None)
+        if path:
+            from mindformers_ext.checkpoint import load_checkpoint_into  # pylint: disable=import-outside-toplevel
+
+            load_checkpoint_into(self, str(path), what="model_config.checkpoint_name_or_path")
 
     def logits(self, hidden):
         """float32 vocabulary logits of decoder outputs."""

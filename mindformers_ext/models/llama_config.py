@@ -81,6 +81,13 @@ class LlamaFamilyConfig(CausalLMConfigBase):
         self.pad_token_id = pad_token_id
         self.rotary_dtype = rotary_dtype_field(rotary_dtype)
 
+    def context_length(self) -> int:
+        """``max_position_embedding``, which HF's linear (PI) and YaRN configs already give extended; dynamic
+        NTK extends the trained table by its factor."""
+        if self.extend_method == "DYNAMIC_NTK":
+            return int(self.max_position_embedding * float(self.scaling_factor))
+        return int(self.max_position_embedding)
+
     @property
     def kv_heads(self) -> int:
         """Number of key/value heads (MHA when ``n_kv_heads`` is unset)."""

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-__all__ = ["build_parser", "parse_args", "parse_scalar", "str2bool", "bool_or_str", "default_log_path", "RUN_MODES"]
+__all__ = ["build_parser", "parse_args", "Overrides", "parse_scalar", "str2bool", "bool_or_str", "default_log_path", "RUN_MODES"]
 
 RUN_MODES = ("train", "finetune", "eval", "predict")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--predict_batch_size", type=int, default=None)
     add("--predict_length", type=int, default=None, help="maximum number of new tokens per prompt")
     add("--use_past", type=str2bool, default=None, help="decode with the KV cache")
+    add("--random_weights", action="store_true",
+        help="predict without a checkpoint, with randomly initialised weights (a warning is printed); "
+             "without this flag a predict run that names no checkpoint is an error")
     add("--streamer", action="store_true", help="print the text of each prompt as it is generated")
     add("--fim_suffix", default=None,
         help="fill-in-the-middle: --predict_data holds the prefix(es), this the code after the hole; "
@@ -115,9 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Overrides(dict):
+    """``{dotted key: typed value}``; ``raw`` keeps each value's command-line text, so that a key the
+    YAML holds as a string can stay one (``--processor.tokenizer.pad_token [PAD]``,
+    ``--model.model_config.extend_method None``; see :func:`mindformers_ext.runner.config.apply_overrides`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.raw: dict[str, str] = {}
+
+
 def _split_overrides(rest: Sequence[str]) -> dict[str, Any]:
     """``['--a.b', '1', '--c=x']`` -> ``{'a.b': 1, 'c': 'x'}`` (values typed by :func:`parse_scalar`)."""
-    overrides: dict[str, Any] = {}
+    overrides = Overrides()
     i = 0
     while i < len(rest):
         token = rest[i]
@@ -135,6 +148,7 @@ def _split_overrides(rest: Sequence[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise SystemExit(f"run_mindformer.py: error: bad override key {token!r}")
         overrides[key] = parse_scalar(value)
+        overrides.raw[key] = value
     return overrides
 
 

@@ -20,7 +20,8 @@ from mindformers.tools.register import MindFormerConfig
 from mindformers.tools.register.template import ConfigTemplate
 
 __all__ = ["ConfigError", "load_yaml", "apply_overrides", "build_config", "ascend_available",
-           "adapt_to_device", "checkpoint_format", "PORTABLE_WRAPPER", "PORTABLE_ADAMW"]
+           "adapt_to_device", "checkpoint_format", "full_copy_layout", "available_cores", "PORTABLE_WRAPPER",
+           "PORTABLE_ADAMW"]
 
 PORTABLE_WRAPPER = "PortableTrainOneStepCell"
 PORTABLE_ADAMW = "PortableAdamW"
@@ -57,9 +58,28 @@ def _child(node: Any, part: str) -> Any:
     return None
 
 
+# Enumerations whose values include the string "None" (MindFormers' spelling of "no RoPE scaling"):
+# an override "None" sets that string, not null.
+STRING_NONE_KEYS = ("extend_method",)
+
+
+def _typed_like(current: Any, value: Any, raw: Optional[str], key: str) -> Any:
+    """An override's value, typed after what the YAML holds at that key: a field the YAML holds as a
+    string (an enumeration, a token) stays a string where YAML would read the text as something else
+    (``None`` for ``extend_method: "None"``, ``[PAD]`` as a list); other values keep their YAML type."""
+    if value is None and (key in STRING_NONE_KEYS or current == "None") and \
+            (raw is None or raw.strip().lower() in ("none", "null", "~")):
+        return "None"
+    if raw is not None and isinstance(current, str) and current and isinstance(value, (list, dict)):
+        return raw
+    return value
+
+
 def apply_overrides(config: dict, overrides: dict[str, Any], source: str = "command line") -> None:
     """Set dotted keys in ``config`` (a number indexes a list: ``callbacks.1.prefix``). Every parent
-    must exist (typos are errors); the leaf key may be new."""
+    must exist (typos are errors); the leaf key may be new. Values are typed as YAML scalars, except
+    that a key the YAML holds as a string stays a string (see :func:`_typed_like`)."""
+    raw_texts = getattr(overrides, "raw", {})
     for dotted, value in overrides.items():
         parts = dotted.split(".")
         node = config
@@ -80,7 +100,7 @@ def apply_overrides(config: dict, overrides: dict[str, Any], source: str = "comm
             continue
         if leaf not in node:
             logger.info("override --%s adds a new key", dotted)
-        node[leaf] = value
+        node[leaf] = _typed_like(node.get(leaf), value, raw_texts.get(dotted), leaf)
 
 
 def ascend_available() -> bool:
@@ -221,20 +241,51 @@ def _adapt_dtypes(config: MindFormerConfig, target: str) -> None:
             model_config[key] = "float32"
 
 
+# parallel_config fields that split the model; data parallel on CPU needs every one at 1
+_MODEL_SPLITS = ("model_parallel", "pipeline_stage", "expert_parallel", "context_parallel", "micro_batch_num")
+
+
+def _reset_model_splits(config: MindFormerConfig) -> list[str]:
+    """Set the model-splitting parallel sizes to 1 (``parallel_config`` and an upstream-style
+    ``moe_config.expert_parallel``); returns "key old -> 1" for each one changed."""
+    changed = []
+    sections = [("parallel_config", config.get("parallel_config"))]
+    if isinstance(config.get("moe_config"), dict):
+        sections.append(("moe_config", config.moe_config))
+    for name, section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _MODEL_SPLITS:
+            value = section.get(key)
+            if value is not None and not isinstance(value, bool) and isinstance(value, int) and value > 1:
+                changed.append(f"{name}.{key} {value} -> 1")
+                section[key] = 1
+        if section.get("use_seq_parallel"):
+            changed.append(f"{name}.use_seq_parallel True -> False")
+            section["use_seq_parallel"] = False
+    return changed
+
+
 def _adapt_parallel(config: MindFormerConfig, target: str) -> None:
-    """Semi-auto parallel does not compile on CPU: fall back to data parallel there."""
+    """Semi-auto parallel does not compile on CPU: fall back to data parallel there, with every model
+    split (model / pipeline / expert / context parallel) at 1: each rank holds the whole model."""
     if target != "CPU" or not config.get("use_parallel"):
         return
     mode = config.parallel.get("parallel_mode")
     if mode in _SEMI_AUTO:
-        logger.warning("parallel_mode %s (semi-auto / auto parallel) only runs on Ascend; running data parallel "
-                       "on CPU. The layout itself can be checked with mindformers_ext.parallel.check_parallel.",
-                       mode)
         config.parallel.parallel_mode = 0
         config.parallel.full_batch = False
         config.parallel.pop("dataset_strategy", None)
         config.parallel.enable_parallel_optimizer = False
         config.parallel.gradients_mean = True
+    changed = _reset_model_splits(config)
+    splits = f" ({', '.join(changed)})" if changed else ""
+    if mode in _SEMI_AUTO:
+        logger.warning("parallel_mode %s (semi-auto / auto parallel) only runs on Ascend: running data parallel on "
+                       "CPU, every rank holding the whole model%s. The layout itself can be checked with "
+                       "tools/check_parallel.py.", mode, splits)
+    elif changed:
+        logger.warning("data parallel on CPU: every rank holds the whole model%s", splits)
 
 
 def _package_relative(path: str) -> str:
@@ -247,8 +298,47 @@ def _package_relative(path: str) -> str:
     return path
 
 
+def full_copy_layout(config: MindFormerConfig) -> bool:
+    """True when every rank holds the whole model: one process, or data parallel (what CPU runs)."""
+    if not config.get("use_parallel"):
+        return True
+    return config.get("parallel", {}).get("parallel_mode") not in _SEMI_AUTO
+
+
+def _adopt_checkpoint_name_or_path(config: MindFormerConfig) -> None:
+    """``model.model_config.checkpoint_name_or_path`` names the weights when ``load_checkpoint`` does not
+    (MindFormers' Trainer silently drops it for train / finetune): move it to ``load_checkpoint``, which
+    every run mode loads; when both are set ``load_checkpoint`` wins, as in MindFormers."""
+    model_config = (config.get("model") or {}).get("model_config")
+    named = model_config.get("checkpoint_name_or_path") if isinstance(model_config, dict) else None
+    if not named:
+        return
+    if not config.get("load_checkpoint"):
+        logger.info("model.model_config.checkpoint_name_or_path %s: loading it (as load_checkpoint)", named)
+        config.load_checkpoint = named
+        config.load_checkpoint_key = "model.model_config.checkpoint_name_or_path"
+    elif os.path.abspath(str(named)) != os.path.abspath(str(config.load_checkpoint)):
+        logger.warning("both load_checkpoint %s and model.model_config.checkpoint_name_or_path %s are set: loading "
+                       "load_checkpoint", config.load_checkpoint, named)
+    model_config.checkpoint_name_or_path = ""
+
+
+def _adapt_auto_trans(config: MindFormerConfig) -> None:
+    """``auto_trans_ckpt`` reshards a checkpoint to the run's model split. With nothing to split (one
+    process or data parallel: every rank holds the whole model) and no source strategy (a full
+    checkpoint), there is nothing to transform: every rank loads the full checkpoint."""
+    if not (config.get("auto_trans_ckpt") and config.get("load_checkpoint")):
+        return
+    if full_copy_layout(config) and not config.get("src_strategy_path_or_dir"):
+        logger.info("auto_trans_ckpt: nothing to transform (%s, every rank holds the whole model): every rank "
+                    "loads the full checkpoint %s", "data parallel" if config.get("use_parallel") else "one device",
+                    config.load_checkpoint)
+        config.auto_trans_ckpt = False
+
+
 def _adapt_checkpoint(config: MindFormerConfig) -> None:
     """Infer ``load_ckpt_format`` from the files; default the resume source to output_dir/checkpoint."""
+    _adopt_checkpoint_name_or_path(config)
     if config.get("resume_training") and not config.get("load_checkpoint"):
         default = os.path.join(config.get("output_dir") or "./output", "checkpoint")
         if not os.path.isdir(default):
@@ -257,12 +347,38 @@ def _adapt_checkpoint(config: MindFormerConfig) -> None:
         config.load_checkpoint = default
     path = config.load_checkpoint = _package_relative(config.get("load_checkpoint"))
     if path and not os.path.exists(path):
-        raise ConfigError(f"load_checkpoint {path!r} does not exist")
+        raise ConfigError(f"{config.get('load_checkpoint_key') or 'load_checkpoint'} {path!r} does not exist")
     if path:
         found = checkpoint_format(path)
         if found and found != config.get("load_ckpt_format"):
             logger.info("load_checkpoint %s holds %s files: load_ckpt_format: %s", path, found, found)
             config.load_ckpt_format = found
+    _adapt_auto_trans(config)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _adapt_dataset_workers(config: MindFormerConfig) -> None:
+    """MindSpore's datasets refuse more ``num_parallel_workers`` than the machine has cores: cap them."""
+    cores = available_cores()
+    for section in ("train_dataset", "eval_dataset"):
+        dataset = config.get(section)
+        if not isinstance(dataset, dict):
+            continue
+        for where, node in ((section, dataset), (f"{section}.data_loader", dataset.get("data_loader"))):
+            if not isinstance(node, dict):
+                continue
+            workers = node.get("num_parallel_workers")
+            if isinstance(workers, int) and not isinstance(workers, bool) and workers > cores:
+                logger.warning("%s.num_parallel_workers %d exceeds the %d CPU cores available: using %d", where,
+                               workers, cores, cores)
+                node["num_parallel_workers"] = cores
 
 
 def _adapt_threads(target: str) -> None:
@@ -288,5 +404,6 @@ def adapt_to_device(config: MindFormerConfig, explicit_target: bool = False) -> 
     _adapt_optimizer(config, target)
     _adapt_dtypes(config, target)
     _adapt_checkpoint(config)
+    _adapt_dataset_workers(config)
     _adapt_threads(target)
     return target

@@ -75,20 +75,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logger.info("run_mode %s on %s with %s", config.run_mode, target, config.config_path)
     ensure_context(config)
-    if config.run_mode in ("train", "finetune"):
-        from mindformers_ext.runner.train import run_train
+    from mindformers_ext.checkpoint import CheckpointError
+    from mindformers_ext.runner.train import DataError
 
-        run_train(config)
-    elif config.run_mode == "eval":
-        from mindformers_ext.runner.train import run_eval
+    try:
+        if config.run_mode in ("train", "finetune"):
+            from mindformers_ext.runner.train import run_train
 
-        try:
-            run_eval(config)
-        except ValueError as exc:
-            print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        return run_predict(config, args)
+            run_train(config)
+        elif config.run_mode == "eval":
+            from mindformers_ext.runner.train import run_eval
+
+            try:
+                run_eval(config)
+            except ValueError as exc:
+                print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
+                return 2
+        else:
+            return run_predict(config, args)
+    except (CheckpointError, DataError) as exc:
+        print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -129,7 +136,8 @@ def run_predict(config, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
         return 2
-    generator = TextGenerator(config, batch_size=config.get("predict_batch_size") or 1, **predict_options(args))
+    generator = TextGenerator(config, batch_size=config.get("predict_batch_size") or 1,
+                              random_weights=bool(getattr(args, "random_weights", False)), **predict_options(args))
     call_options = {}
     if args.fim_suffix is not None:
         prompts, call_options = fim_requests(generator, prompts, args.fim_suffix.replace("\\n", "\n"),

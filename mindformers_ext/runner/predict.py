@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerConfig
@@ -90,32 +89,16 @@ def resolve_checkpoint_files(path: str, rank_id: int = 0) -> list[str]:
     raise FileNotFoundError(f"no .ckpt or .safetensors file in checkpoint directory {path!r}")
 
 
-def load_weights(network: nn.Cell, path: str, rank_id: int = 0) -> list[str]:
-    """Load a checkpoint (file or directory) into ``network``; every network parameter must be found.
+def load_weights(network: nn.Cell, path: str, rank_id: int = 0, what: str = "load_checkpoint") -> list[str]:
+    """Load a checkpoint (file or directory) into ``network``: the file (for a directory the newest
+    candidate) whose weights fit every parameter; see :func:`mindformers_ext.checkpoint.load_checkpoint_into`.
 
-    Entries that are not network parameters (optimizer state, step counters) are ignored. Returns
-    the files read.
+    Entries that are not network parameters but training state (optimizer moments, step counters) are
+    ignored. Returns the files read.
     """
-    files = resolve_checkpoint_files(path, rank_id)
-    params = {p.name: p for p in network.get_parameters()}
-    loaded: dict = {}
-    for file in files:
-        fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
-        loaded.update(ms.load_checkpoint(file, format=fmt, choice_func=lambda name: name in params))
-    missing = sorted(set(params) - set(loaded))
-    if missing:
-        raise KeyError(f"{path}: no weights for {len(missing)} parameters of {type(network).__name__}, e.g. "
-                       f"{missing[:5]}")
-    for name, value in list(loaded.items()):
-        param = params[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{path}: weight {name!r} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(param.shape)} (does the YAML's model_config match the checkpoint?)")
-        if value.dtype != param.dtype:  # e.g. a bfloat16 checkpoint into a float32 model on CPU
-            loaded[name] = ms.Parameter(ops.cast(value, param.dtype), name=name)
-    ms.load_param_into_net(network, loaded, strict_load=True)
-    logger.info("loaded %d weights from %s", len(loaded), ", ".join(files))
-    return files
+    from mindformers_ext.checkpoint import load_checkpoint_into  # pylint: disable=import-outside-toplevel
+
+    return load_checkpoint_into(network, path, rank_id, what)
 
 
 def cut_at_stop(text: str, stops: Optional[Sequence[str]]) -> tuple[str, bool]:
@@ -140,8 +123,10 @@ class TextGenerator:
         config: a MindFormers config (``model`` and ``processor.tokenizer`` sections); the MindSpore
             context must be built already (see :func:`mindformers_ext.runner.context.ensure_context`).
         load_checkpoint: weights to load (file or directory); default the config's
-            ``load_checkpoint`` or ``model.model_config.checkpoint_name_or_path``; none: random
-            weights (with a warning).
+            ``load_checkpoint`` or ``model.model_config.checkpoint_name_or_path``. A directory loads
+            the newest checkpoint in it whose weights fit the model.
+        random_weights: allow running without any checkpoint (randomly initialised weights; a
+            warning is printed every time). Without it a missing checkpoint is an error.
         batch_size: prompts per ``generate`` call (None: all the prompts of a call at once; prompts
             of different lengths share a batch without padding waste beyond the longest).
         **gen_kwargs: defaults for ``generate`` (``max_new_tokens``, ``do_sample``, ``top_k``, ...),
@@ -150,11 +135,13 @@ class TextGenerator:
     """
 
     def __init__(self, config: MindFormerConfig, load_checkpoint: Optional[str] = None,
-                 batch_size: Optional[int] = 1, **gen_kwargs: Any) -> None:
+                 batch_size: Optional[int] = 1, random_weights: bool = False, **gen_kwargs: Any) -> None:
         # pylint: disable=import-outside-toplevel
         from mindformers import pipeline
         from mindformers.models.build_tokenizer import build_tokenizer
         from mindformers.models.build_model import build_network
+
+        from mindformers_ext.checkpoint import current_rank, require_weights, weights_source
 
         self._check_keys(gen_kwargs)
         if config.get("model") is None or config.model.get("model_config") is None:
@@ -164,15 +151,17 @@ class TextGenerator:
             raise ValueError(f"{config.get('config_path', 'config')}: predict needs a processor.tokenizer section")
         self.batch_size = None if batch_size is None else max(1, int(batch_size))
         self.gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
+        source = weights_source(config, load_checkpoint)
+        require_weights(source, random_weights, "predict", config.get("config_path"))
+        what = "load_checkpoint" if (load_checkpoint or config.get("load_checkpoint")) else \
+            "model.model_config.checkpoint_name_or_path"
         self.tokenizer = build_tokenizer(tokenizer_cfg)
+        # the weights are loaded here (strictly, once): the model class must not load them again
+        config.model.model_config.checkpoint_name_or_path = ""
         self.network = build_network(config.model)
         self.network.set_train(False)
-        source = load_checkpoint or config.get("load_checkpoint") or config.model.model_config.get(
-            "checkpoint_name_or_path")
         if source:
-            load_weights(self.network, source, int(config.get("rank_id") or 0))
-        else:
-            logger.warning("no load_checkpoint: generating with randomly initialised weights")
+            load_weights(self.network, source, current_rank(), what)
         self.pipeline = pipeline(task="text_generation", model=self.network, tokenizer=self.tokenizer)
 
     @staticmethod

@@ -83,6 +83,9 @@ class _MetaConfig:
         self.top_p = 1.0
         self.repetition_penalty = 1.0
 
+    def context_length(self) -> int:
+        return self.max_position_embedding
+
 
 class MindIRGenerator(DecodingMixin):
     """``generate`` over exported MindIR graphs (``mindspore.load`` + ``nn.GraphCell``), with the same
@@ -120,8 +123,13 @@ class MindIRGenerator(DecodingMixin):
 
 
 def build_model(config_path: Optional[str] = None, load_checkpoint: Optional[str] = None,
-                hf_dir: Optional[str] = None, overrides: Optional[dict] = None):
-    """The model to export: from an HF directory, or from a YAML (+ checkpoint) as run_mindformer builds it."""
+                hf_dir: Optional[str] = None, overrides: Optional[dict] = None, random_weights: bool = False):
+    """The model to export: from an HF directory, or from a YAML (+ checkpoint) as run_mindformer builds it.
+
+    The weights come from ``load_checkpoint``, else the YAML's ``load_checkpoint`` or
+    ``model.model_config.checkpoint_name_or_path`` (checked to fit the model); with none of them the
+    export is refused (:class:`mindformers_ext.checkpoint.CheckpointError`) unless ``random_weights``.
+    """
     if hf_dir:
         from mindformers_ext import load_hf_model  # pylint: disable=import-outside-toplevel
 
@@ -132,19 +140,21 @@ def build_model(config_path: Optional[str] = None, load_checkpoint: Optional[str
     from mindformers.models.build_model import build_network
     from mindformers_ext.runner.config import adapt_to_device, build_config
     from mindformers_ext.runner.context import ensure_context
+    from mindformers_ext.checkpoint import require_weights, weights_source
     from mindformers_ext.runner.predict import load_weights
 
     args = argparse.Namespace(config=config_path, run_mode="predict", load_checkpoint=load_checkpoint,
                               device_target=None, use_past=True)
     dotted = {f"model.model_config.{k}": v for k, v in (overrides or {}).items()}
     config = build_config(args, dotted)
-    adapt_to_device(config)
+    adapt_to_device(config)  # moves model_config.checkpoint_name_or_path to load_checkpoint
     ensure_context(config)
+    source = weights_source(config, load_checkpoint)
+    require_weights(source, random_weights, "export_wizardcoder_inc.py", config.get("config_path"))
+    config.model.model_config.checkpoint_name_or_path = ""  # loaded (once, checked) below
     network = build_network(config.model)
-    if load_checkpoint:
-        load_weights(network, load_checkpoint)
-    else:
-        print("export_wizardcoder_inc.py: no --load_checkpoint: exporting random weights", file=sys.stderr)
+    if source:
+        load_weights(network, source)
     network.set_train(False)
     return network
 
@@ -156,8 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--load_checkpoint", "--model_path", dest="load_checkpoint", default=None,
                         help="MindSpore checkpoint (file or directory) for the YAML's model")
     parser.add_argument("--hf_dir", default=None, help="export an HF GPT-BigCode directory instead of --config")
+    parser.add_argument("--random_weights", action="store_true",
+                        help="export without a checkpoint (randomly initialised weights, with a warning); without "
+                             "it, no --load_checkpoint / checkpoint_name_or_path is an error")
     parser.add_argument("--output_dir", default="wizardcoder_mslite_inc")
-    parser.add_argument("--compute_dtype", default=None, choices=tuple(_DTYPES),
+    parser.add_argument("--compute_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="override the YAML's compute / parameter dtype (bfloat16 does not run on CPU)")
     parser.add_argument("--batch_size", type=int, default=None, help="seed flag; the graphs take any batch")
     parser.add_argument("--seq_length", type=int, default=None, help="seed flag; the graphs take any length")
@@ -168,7 +181,13 @@ def main(argv=None) -> int:
         overrides.update(compute_dtype=args.compute_dtype, param_init_type=args.compute_dtype)
     if args.hf_dir and args.compute_dtype:
         overrides = {"dtype": args.compute_dtype}
-    model = build_model(args.config, args.load_checkpoint, args.hf_dir, overrides)
+    from mindformers_ext.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+
+    try:
+        model = build_model(args.config, args.load_checkpoint, args.hf_dir, overrides, args.random_weights)
+    except CheckpointError as exc:
+        print(f"export_wizardcoder_inc.py: error: {exc}", file=sys.stderr)
+        return 2
     paths = export_incremental(model, args.output_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

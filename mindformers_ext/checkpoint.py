@@ -1,0 +1,282 @@
+"""Which checkpoint to load, checked against the model before anything is loaded.
+
+Every entry point that builds a model (the model classes' ``checkpoint_name_or_path``,
+``run_mindformer.py`` train / finetune / eval / predict, :class:`mindformers_ext.runner.predict.
+TextGenerator` and so the API and the eval harness, the MindIR exporter) loads weights through
+:func:`load_checkpoint_into`:
+
+* a file must hold a weight of the right shape for every parameter of the model, and no weight the
+  model does not have (optimizer moments of its parameters and step counters are allowed); otherwise
+  :class:`CheckpointError` names the file and the first missing / mis-shaped / unexpected names;
+* a directory is searched (``rank_<rank>/`` first, as MindFormers lays out distributed checkpoints,
+  else ``rank_0/``, else the directory itself) for candidates, newest first: each ``.ckpt`` or
+  ``.safetensors`` file, a ``model.safetensors.index.json`` with its shards, and last all
+  ``.safetensors`` files together (a sharded checkpoint without index). The first candidate that
+  matches the model is loaded; when none does, the error lists every candidate and why it was
+  rejected (so a shared ``output/checkpoint`` folder never silently loads another model's file).
+
+Only the file headers are read to decide (``.ckpt`` protobuf headers and safetensors JSON headers),
+so choosing among large checkpoints costs no tensor reads.
+
+Running without weights is an explicit choice: :func:`require_weights` raises unless the caller
+passed ``random_weights`` (``--random_weights``), and then warns on every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence
+
+__all__ = ["CheckpointError", "MatchReport", "checkpoint_index", "model_parameters", "compare",
+           "candidate_groups", "select_checkpoint", "load_checkpoint_into", "current_rank", "weights_source",
+           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES"]
+
+# Names under which optimizers / wrappers store per-parameter state: ``<prefix><parameter name>``.
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "exp_avg.", "exp_avg_sq.",
+                      "accu_grads.", "accumulated_grads.")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SKIPPED_FILES = ("hyper_param.safetensors",)
+RANDOM_WEIGHTS_WARNING = ("WARNING: {who}: no checkpoint given (--random_weights): the model has randomly "
+                          "initialised weights and its output is meaningless")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist or does not fit the model; the message names the file (or
+    directory and its candidates), the config field it came from, and what was expected."""
+
+
+@dataclass
+class MatchReport:
+    """How a checkpoint's weights compare with a model's parameters."""
+
+    missing: list = field(default_factory=list)        # model parameters without a weight
+    wrong_shape: list = field(default_factory=list)    # (name, checkpoint shape, model shape)
+    unexpected: list = field(default_factory=list)     # weights that are no parameter of the model
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong_shape or self.unexpected)
+
+    def describe(self, total: int, limit: int = 4) -> str:
+        """One line: what is wrong, with the first few names of each kind."""
+        parts = []
+        if self.missing:
+            parts.append(f"no weight for {len(self.missing)} of the model's {total} parameters "
+                         f"(e.g. {self.missing[:limit]})")
+        if self.wrong_shape:
+            shown = ", ".join(f"{n} {tuple(c)} (model {tuple(m)})" for n, c, m in self.wrong_shape[:limit])
+            parts.append(f"{len(self.wrong_shape)} weights of another shape: {shown}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} weights the model does not have (e.g. {self.unexpected[:limit]})")
+        return "; ".join(parts)
+
+
+def checkpoint_index(path: str) -> dict:
+    """``{name: shape}`` of the tensors in a ``.ckpt`` or ``.safetensors`` file, from its header only."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.convert.errors import ConversionError
+
+    try:
+        if path.endswith(".safetensors"):
+            from mindformers_ext.convert.safetensors_io import read_safetensors_header
+
+            entries = read_safetensors_header(path)[0]
+        elif path.endswith(".ckpt"):
+            from mindformers_ext.convert.ckpt_io import read_ckpt_index
+
+            entries = read_ckpt_index(path)
+        else:
+            raise CheckpointError(f"{path}: not a checkpoint file (expected .ckpt or .safetensors)")
+    except ConversionError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return {e.name: tuple(e.shape) for e in entries if e.dtype != "STR"}
+
+
+def model_parameters(network) -> dict:
+    """``{parameter name: shape}`` of a network (tied parameters once)."""
+    return {p.name: tuple(p.shape) for p in network.get_parameters()}
+
+
+def _is_state(name: str, expected: Mapping) -> bool:
+    """Training state stored next to the weights: dot-less counters (``step_num``, ``global_step``,
+    ``loss_scale``, ...) and optimizer state of the model's parameters (``adam_m.<param>``)."""
+    if "." not in name:
+        return True
+    return any(name.startswith(p) and name[len(p):] in expected for p in OPTIMIZER_PREFIXES)
+
+
+def compare(expected: Mapping, index: Mapping) -> MatchReport:
+    """Compare ``{name: shape}`` of a model with that of a checkpoint."""
+    report = MatchReport()
+    for name, shape in expected.items():
+        if name not in index:
+            report.missing.append(name)
+        elif tuple(index[name]) != tuple(shape):
+            report.wrong_shape.append((name, tuple(index[name]), tuple(shape)))
+    report.unexpected = [n for n in index if n not in expected and not _is_state(n, expected)]
+    return report
+
+
+def _newest_first(paths: Iterable[str]) -> list:
+    return sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+
+def _checkpoint_dir(path: str, rank_id: int) -> str:
+    """The directory holding this rank's files: ``rank_<rank>``, else ``rank_0`` (a full checkpoint that
+    every data-parallel rank loads), else ``path``."""
+    for sub in (f"rank_{rank_id}", "rank_0"):
+        if os.path.isdir(os.path.join(path, sub)):
+            return os.path.join(path, sub)
+    return path
+
+
+def candidate_groups(path: str, rank_id: int = 0) -> list:
+    """The candidates (each a list of files loaded together) that ``path`` stands for, in the order
+    they are tried; see the module docstring."""
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            return [_index_shards(path)]
+        return [[path]]
+    folder = _checkpoint_dir(path, rank_id)
+    names = sorted(os.listdir(folder))
+    groups = []
+    if SAFETENSORS_INDEX in names:
+        groups.append(_index_shards(os.path.join(folder, SAFETENSORS_INDEX)))
+    files = [os.path.join(folder, n) for n in names
+             if n.endswith((".ckpt", ".safetensors")) and n not in _SKIPPED_FILES
+             and os.path.isfile(os.path.join(folder, n))]
+    groups += [[f] for f in _newest_first(files)]
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    if len(shards) > 1 and not any(sorted(g) == shards for g in groups):
+        groups.append(shards)
+    return groups
+
+
+def _index_shards(index_path: str) -> list:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a safetensors index (needs a weight_map): {exc}") from exc
+    folder = os.path.dirname(index_path)
+    return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+
+
+def _group_index(group: Sequence[str]) -> dict:
+    index: dict = {}
+    for file in group:
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed by the index but missing")
+        index.update(checkpoint_index(file))
+    return index
+
+
+def _label(group: Sequence[str]) -> str:
+    if len(group) == 1:
+        return group[0]
+    return f"{os.path.dirname(group[0])}/{{{', '.join(os.path.basename(g) for g in group)}}}"
+
+
+def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str = "load_checkpoint",
+                      model: str = "the model") -> list:
+    """The file(s) of ``path`` whose weights fit ``expected`` (``{name: shape}``); see the module docstring.
+
+    ``what`` names the config field or flag the path came from, ``model`` the model, in messages.
+    """
+    from mindformers.tools.logger import logger  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist")
+    groups = candidate_groups(path, rank_id)
+    if not groups:
+        raise CheckpointError(f"{what} {path!r}: no .ckpt or .safetensors file in "
+                              f"{_checkpoint_dir(path, rank_id)}")
+    reasons = []
+    for group in groups:
+        try:
+            report = compare(expected, _group_index(group))
+        except CheckpointError as exc:
+            reasons.append((group, f"unreadable: {exc}"))
+            continue
+        if report.ok:
+            if os.path.isdir(path) and len(groups) > 1:
+                logger.info("%s %s: loading %s, the newest of %d candidates that fits %s", what, path,
+                            _label(group), len(groups), model)
+            return list(group)
+        reasons.append((group, report.describe(len(expected))))
+    if os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not fit {model}: {reasons[0][1]} (does the YAML's "
+                              "model_config match the checkpoint?)")
+    listing = "\n".join(f"  {_label(g)}: {why}" for g, why in reasons)
+    raise CheckpointError(f"{what} {path}: none of its {len(reasons)} candidate checkpoints fits {model} "
+                          f"({len(expected)} parameters); pass the file to load:\n{listing}")
+
+
+def current_rank() -> int:
+    """This process' rank in a distributed job (0 otherwise)."""
+    try:
+        from mindformers.tools.utils import get_real_rank  # pylint: disable=import-outside-toplevel
+
+        return int(get_real_rank() or 0)
+    except Exception:  # pylint: disable=broad-except
+        return int(os.environ.get("RANK_ID", "0") or 0)
+
+
+def load_checkpoint_into(network, path: str, rank_id: Optional[int] = None, what: str = "load_checkpoint") -> list:
+    """Load the checkpoint that ``path`` (file or directory) stands for into ``network``.
+
+    Every parameter must get a weight of its shape (see :func:`select_checkpoint`); weights of another
+    dtype are cast (a bfloat16 checkpoint into a float32 model on CPU). Returns the files read.
+    """
+    # pylint: disable=import-outside-toplevel
+    import mindspore as ms
+    from mindspore import ops
+    from mindformers.tools.logger import logger
+
+    rank_id = current_rank() if rank_id is None else rank_id
+    params = {p.name: p for p in network.get_parameters()}
+    files = select_checkpoint(path, model_parameters(network), rank_id, what, type(network).__name__)
+    loaded: dict = {}
+    for file in files:
+        fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
+        loaded.update(ms.load_checkpoint(file, format=fmt, choice_func=lambda name: name in params))
+    for name, value in list(loaded.items()):
+        if value.dtype != params[name].dtype:
+            loaded[name] = ms.Parameter(ops.cast(value, params[name].dtype), name=name)
+    ms.load_param_into_net(network, loaded, strict_load=True)
+    logger.info("%s: loaded %d weights from %s", what, len(loaded), ", ".join(files))
+    return files
+
+
+def weights_source(config, explicit: Optional[str] = None) -> Optional[str]:
+    """The checkpoint a run loads: ``explicit`` (a ``--load_checkpoint`` argument), else the config's
+    ``load_checkpoint``, else ``model.model_config.checkpoint_name_or_path``; None when none is set."""
+    model_config = ((config.get("model") or {}).get("model_config") or {}) if config is not None else {}
+    for value in (explicit, config.get("load_checkpoint") if config is not None else None,
+                  model_config.get("checkpoint_name_or_path")):
+        if value:
+            return str(value)
+    return None
+
+
+def require_weights(source: Optional[str], random_weights: bool, who: str, config_path: Optional[str] = None) -> None:
+    """Refuse to run without weights unless ``random_weights``; then warn (stderr and log) every run."""
+    if source:
+        return
+    if not random_weights:
+        where = f" in {config_path}" if config_path else ""
+        raise CheckpointError(
+            f"{who}: no checkpoint to load: pass --load_checkpoint (or set load_checkpoint / "
+            f"model.model_config.checkpoint_name_or_path{where}); to run with randomly initialised weights "
+            "on purpose, pass --random_weights")
+    message = RANDOM_WEIGHTS_WARNING.format(who=who)
+    print(message, file=sys.stderr, flush=True)
+    try:
+        from mindformers.tools.logger import logger  # pylint: disable=import-outside-toplevel
+
+        logger.warning(message)
+    except Exception:  # pylint: disable=broad-except
+        pass
