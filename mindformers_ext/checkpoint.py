@@ -238,7 +238,16 @@ def load_checkpoint_into(network, path: str, rank_id: Optional[int] = None, what
 
     rank_id = current_rank() if rank_id is None else rank_id
     params = {p.name: p for p in network.get_parameters()}
-    files = select_checkpoint(path, model_parameters(network), rank_id, what, type(network).__name__)
+    try:
+        files = select_checkpoint(path, model_parameters(network), rank_id, what, type(network).__name__)
+    except CheckpointError:  # a checkpoint in upstream MindFormers' layout is mapped while loading
+        from mindformers_ext.convert.upstream import (  # pylint: disable=import-outside-toplevel
+            load_upstream_into, upstream_candidate)
+
+        upstream = upstream_candidate(path, network, rank_id)
+        if upstream is None:
+            raise
+        return load_upstream_into(network, upstream, what)
     loaded: dict = {}
     for file in files:
         fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"

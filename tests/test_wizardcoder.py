@@ -186,7 +186,11 @@ def test_15b_yaml_passes_the_parallel_check_on_8_devices():
     parallel = dict(data_parallel=1, model_parallel=4, pipeline_stage=2, micro_batch_num=8, vocab_emb_dp=True)
     mha = build_skeleton(WizardCoderForCausalLM, WizardCoderConfig(multi_query=False, parallel_config=parallel))
     assert "mp=4" in check_parallel(mha, 8)[0]
-    # splitting the 49153-row vocabulary 4 ways does not divide
-    bad = build_skeleton(WizardCoderForCausalLM, WizardCoderConfig(parallel_config={**parallel, "vocab_emb_dp": False}))
-    with pytest.raises(ParallelCheckError, match="49153"):
-        check_parallel(bad, 8)
+    # the 49153-row vocabulary does not split 4 ways: it is replicated instead (upstream's rule, issue 13)
+    replicated = WizardCoderConfig(parallel_config={**parallel, "vocab_emb_dp": False})
+    assert replicated.parallel_config.vocab_emb_dp is True
+    assert "mp=4" in check_parallel(build_skeleton(WizardCoderForCausalLM, replicated), 8)[0]
+    # a split that does not divide still fails: 48 heads over model parallel 5
+    bad = build_skeleton(WizardCoderForCausalLM, WizardCoderConfig(parallel_config={**parallel, "model_parallel": 5}))
+    with pytest.raises(ParallelCheckError, match=r"not divisible by its split 5"):
+        check_parallel(bad, 10)

@@ -21,7 +21,7 @@ def main() -> int:
     try:
         for line in check_yaml(args.config, args.device_num):
             print(line)
-    except (ParallelCheckError, KeyError) as err:
+    except (ParallelCheckError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print("ok")

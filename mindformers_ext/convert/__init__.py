@@ -8,6 +8,8 @@ Public API:
   :class:`ConcatRule`, :class:`Transform`, :class:`Transpose`) - weight maps as data;
 * format-level helpers: :func:`open_source`, :func:`read_safetensors_header`, :class:`SafetensorsWriter`,
   :func:`read_ckpt_index`, :class:`CkptWriter`, :func:`cast`;
+* :func:`convert_upstream` / :func:`load_upstream_into` / :func:`detect_upstream` - checkpoints written by
+  upstream MindFormers (v1.3.2 - v1.5.0), migrated once or mapped while loading;
 * :class:`ConversionError` - raised for any bad input, naming the file / tensor at fault.
 """
 from mindformers_ext.convert.ckpt_io import CkptWriter, read_ckpt_index
@@ -21,6 +23,7 @@ from mindformers_ext.convert.registry import (available_models, get_weight_map, 
 from mindformers_ext.convert.safetensors_io import SafetensorsWriter, read_safetensors_header
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import TensorEntry, TensorInfo
+from mindformers_ext.convert.upstream import convert_upstream, detect_upstream, load_upstream_into
 from mindformers_ext.convert.weight_map import ConcatRule, StackRule, Transform, Transpose, WeightMap
 
 __all__ = [
@@ -29,4 +32,5 @@ __all__ = [
     "WeightMap", "StackRule", "ConcatRule", "Transform", "Transpose",
     "open_source", "WeightSource", "TensorEntry", "TensorInfo", "read_safetensors_header", "SafetensorsWriter",
     "read_ckpt_index", "CkptWriter", "cast", "f32_to_bf16", "bf16_to_f32", "normalize_dtype",
+    "convert_upstream", "detect_upstream", "load_upstream_into",
 ]

@@ -21,7 +21,17 @@ BUILTIN_MAPS = {
     "deepseek_v2": "mindformers_ext.convert.maps.deepseek2",
     "wizardcoder": "mindformers_ext.convert.maps.wizardcoder",
     "gpt_bigcode": "mindformers_ext.convert.maps.wizardcoder",
+    # checkpoints written by upstream MindFormers' converters / training (``--upstream``)
+    "llama_upstream": "mindformers_ext.convert.maps.llama_upstream",
+    "deepseek_upstream": "mindformers_ext.convert.maps.llama_upstream",
+    "deepseek1_5_upstream": "mindformers_ext.convert.maps.llama_upstream",
+    "deepseek_coder_upstream": "mindformers_ext.convert.maps.llama_upstream",
+    "deepseek2_upstream": "mindformers_ext.convert.maps.deepseek2_upstream",
+    "deepseek_v2_upstream": "mindformers_ext.convert.maps.deepseek2_upstream",
+    "wizardcoder_upstream": "mindformers_ext.convert.maps.wizardcoder_upstream",
+    "gpt_bigcode_upstream": "mindformers_ext.convert.maps.wizardcoder_upstream",
 }
+UPSTREAM_SUFFIX = "_upstream"
 # HF config.json model_type -> --model name
 MODEL_TYPES = {"llama": "llama", "deepseek_v2": "deepseek2", "gpt_bigcode": "wizardcoder"}
 
@@ -60,6 +70,16 @@ def get_weight_map(model: Union[str, WeightMap]) -> WeightMap:
     wmap = getattr(module, "WEIGHT_MAP")
     _REGISTERED[model] = wmap
     return wmap
+
+
+def upstream_map_name(model: str) -> str:
+    """The name of the map for upstream MindFormers checkpoints of ``--model`` (``'deepseek2'`` ->
+    ``'deepseek2_upstream'``)."""
+    name = model if model.endswith(UPSTREAM_SUFFIX) else model + UPSTREAM_SUFFIX
+    if name not in BUILTIN_MAPS and name not in _REGISTERED:
+        known = sorted(n[:-len(UPSTREAM_SUFFIX)] for n in BUILTIN_MAPS if n.endswith(UPSTREAM_SUFFIX))
+        raise ConversionError(f"no upstream MindFormers layout for model {model!r}; --upstream knows: {known}")
+    return name
 
 
 def weight_map_for_model_type(model_type: str) -> WeightMap:

@@ -80,6 +80,9 @@ def check_parallel(model: nn.Cell, device_num: int, batch_size: Optional[int] = 
                 if spec.strategy[ia][da] != spec.strategy[ib][db]:
                     problems.append(f"{where}: contraction dimension split differently "
                                     f"({spec.strategy[ia][da]} vs {spec.strategy[ib][db]})")
+    if not checked:
+        problems.append(f"no shard strategy was checked: {type(model).__name__} records none (only this project's "
+                        "models record their strategies; a model of another package cannot be checked here)")
     if problems:
         raise ParallelCheckError(problems)
     return [f"dp={dp} mp={mp} pp={pp} ep={ep} on {device_num} devices",

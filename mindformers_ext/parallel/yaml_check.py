@@ -16,16 +16,30 @@ def _plain(value):
     return value
 
 
+def load_checked_yaml(path: str) -> MindFormerConfig:
+    """The YAML as the runner reads it: upstream MindFormers' spellings translated
+    (:func:`mindformers_ext.upstream.translate_config`: type names, top-level ``moe_config`` passed to
+    the model config, vocabularies that model parallel does not divide replicated)."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.runner.config import load_yaml
+    from mindformers_ext.upstream import translate_config
+
+    raw = load_yaml(path)
+    translate_config(raw, path)
+    return MindFormerConfig(**raw)
+
+
 def check_yaml(path: str, device_num: Optional[int] = None) -> list[str]:
     """Check the YAML at ``path`` for ``device_num`` devices (default: dp x mp x pp of its parallel_config)."""
     import mindformers_ext  # noqa: F401  (registers the research classes)
 
-    yaml = MindFormerConfig(path)
+    yaml = load_checked_yaml(path)
     model = yaml.get("model")
     if not model or "model_config" not in model or "arch" not in model:
         raise KeyError(f"{path}: expected model.model_config and model.arch sections")
     model_config = _plain(model.model_config)
     config_type = model_config.pop("type", None)
+    model_config["checkpoint_name_or_path"] = ""  # a layout check builds the cells only, never loads weights
     arch_type = _plain(model.arch).get("type")
     parallel = _plain(yaml.get("parallel_config") or {})
     model_config["parallel_config"] = parallel
@@ -36,7 +50,18 @@ def check_yaml(path: str, device_num: Optional[int] = None) -> list[str]:
         raise KeyError(f"{path}: model types {config_type!r} / {arch_type!r} are not registered: {err}") from err
     batch = _plain(yaml.get("runner_config") or {}).get("batch_size") or model_config.get("batch_size") or 1
     model_config["batch_size"] = batch
-    skeleton = build_skeleton(model_cls, config_cls(**model_config))
+    if not any(str(getattr(c, "__module__", "")).startswith(("mindformers_ext", "research"))
+               for c in getattr(model_cls, "__mro__", ())):  # ours, or a subclass of ours (--register_path)
+        raise ValueError(f"{path}: model.arch.type {arch_type!r} is MindFormers' own {model_cls.__module__}."
+                         f"{model_cls.__name__}, whose shard strategies this check cannot read; use one of this "
+                         "project's models (e.g. DeepSeekCoderForCausalLM, DeepseekV2ForCausalLM, "
+                         "WizardCoderForCausalLM)")
+    try:
+        config = config_cls(**model_config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: model.model_config ({config_type}"
+                         f"{', with moe_config' if 'moe_config' in model_config else ''}): {err}") from err
+    skeleton = build_skeleton(model_cls, config)
     if device_num is None:
         dp, mp, pp, _ = parallel_sizes(parallel)
         device_num = dp * mp * pp

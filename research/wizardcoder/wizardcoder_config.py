@@ -7,8 +7,10 @@ names (``n_position``, ``embedding_size``, ``eos_token``, ``pad_token``, ``layer
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
@@ -43,6 +45,26 @@ class WizardCoderConfig(GPTBigCodeFamilyConfig):
             merged.pop("intermediate_size")  # expand_ratio (4) x hidden_size
         merged.update(kwargs)
         super().__init__(**merged)
+        self._replicate_indivisible_vocab()
+
+    def _replicate_indivisible_vocab(self) -> None:
+        """WizardCoder's 49153-token vocabulary does not split over model parallel 2, 4 or 8: replicate the
+        embedding and the (tied) LM head then, as upstream MindFormers' WizardCoder did, with a warning."""
+        parallel = self.parallel_config
+        mp = int((parallel.get("model_parallel") if isinstance(parallel, dict)
+                  else getattr(parallel, "model_parallel", 1)) or 1)
+        split = not (parallel.get("vocab_emb_dp", True) if isinstance(parallel, dict)
+                     else getattr(parallel, "vocab_emb_dp", True))
+        if mp > 1 and split and self.vocab_size % mp:
+            logger.warning("vocab_size %d is not divisible by model_parallel %d: the embedding and LM head are "
+                           "replicated (parallel_config.vocab_emb_dp: True) instead of split, as upstream "
+                           "MindFormers' WizardCoder did", self.vocab_size, mp)
+            parallel = copy.deepcopy(parallel)  # the object may be shared with the rest of the run
+            if isinstance(parallel, dict):
+                parallel["vocab_emb_dp"] = True
+            else:
+                parallel.vocab_emb_dp = True
+            self.parallel_config = parallel
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "WizardCoderConfig":

@@ -1,0 +1,363 @@
+"""Checkpoints written by upstream MindFormers (tags v1.3.2 - v1.5.0): detect, migrate, or load on the fly.
+
+Upstream's converters and training wrote these layouts (see ``maps/*_upstream.py``):
+
+* DeepSeek-Coder (Llama): our names exactly; nothing to map;
+* DeepSeek-V2: MoE layers under ``feed_forward.routed_experts.{router.dense, ffn.w1/w2/w3}`` and the
+  rope rows of ``kv2l`` / ``l2q_proj`` / ``q_proj`` in HF's interleaved order (ours: rotate-half);
+* WizardCoder: ``backbone.blocks.N.layernorm1.gamma``, ``attention.dense1/2/3``, transposed
+  ``attention.projection`` / ``output.mapping`` / ``output.projection``, ``head.head_weight``.
+
+:func:`detect_upstream` tells the layout from tensor names (headers only). :func:`convert_upstream`
+migrates a file once (``tools/convert_weight.py --model deepseek2 --upstream --input_path UP.ckpt
+--output_path OURS.ckpt``); :func:`load_upstream_into` maps one into a built network while loading,
+tensor by tensor, with the converter's checks (every name, every shape against the model's config).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from mindformers_ext.convert.dtypes import normalize_dtype
+from mindformers_ext.convert.engine import ConversionResult, convert, execute, plan_for
+from mindformers_ext.convert.errors import ConversionError
+from mindformers_ext.convert.registry import get_weight_map, upstream_map_name
+from mindformers_ext.convert.sources import WeightSource, open_source
+from mindformers_ext.convert.tensors import TensorEntry
+from mindformers_ext.convert.weight_map import WeightMap
+
+__all__ = ["FAMILIES", "detect_upstream", "family_of_model", "upstream_weight_map", "resolve_config",
+           "convert_upstream", "plan_upstream", "upstream_candidate", "load_upstream_into", "load_checkpoint_into",
+           "main"]
+
+# --model names -> family
+FAMILIES = {
+    "deepseek2": "deepseek2", "deepseek_v2": "deepseek2",
+    "wizardcoder": "wizardcoder", "gpt_bigcode": "wizardcoder",
+    "deepseek": "llama", "deepseek1_5": "llama", "deepseek_coder": "llama", "llama": "llama",
+}
+_FAMILY_TITLE = {"deepseek2": "DeepSeek-V2", "wizardcoder": "WizardCoder", "llama": "DeepSeek-Coder (Llama)"}
+# what the on-the-fly mapping changes, for the log line
+_WHAT = {"deepseek2": "MoE names, rope-row order", "wizardcoder": "names, q/k/v split, transposed projections",
+         "llama": "nothing (same names)"}
+_STATE_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
+                   "exp_avg.", "exp_avg_sq.")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+# shipped YAMLs tried (in order) when no config is given: the released sizes of each family
+DEFAULT_CONFIGS = {
+    "deepseek2": ("research/deepseek2/predict_deepseek2_236B.yaml", "research/deepseek2/predict_deepseek2_lite.yaml"),
+    "wizardcoder": ("research/wizardcoder/run_wizardcoder.yaml",),
+    "llama": ("research/deepseek1_5/predict_deepseek_coder1_5_7b.yaml",),
+}
+_LLAMA_PRESETS = ("deepseek-coder-1.3b", "deepseek-coder-6.7b", "deepseek-coder-33b")
+
+
+def _model_names(names: Iterable[str]) -> list[str]:
+    return [n for n in names if "." in n and not n.startswith(_STATE_PREFIXES)]
+
+
+def detect_upstream(names: Iterable[str]) -> Optional[str]:
+    """``'deepseek2'`` / ``'wizardcoder'`` when ``names`` (a checkpoint's tensor names) are in upstream
+    MindFormers' layout of that family, else None (ours, HF's, or unknown). DeepSeek-Coder checkpoints
+    of upstream have our names and so are not told apart (they need no mapping)."""
+    for name in _model_names(names):
+        if name.startswith(("backbone.blocks.", "backbone.embedding.")) or name == "head.head_weight":
+            return "wizardcoder"
+        if ".feed_forward.routed_experts." in name:
+            return "deepseek2"
+    return None
+
+
+def family_of_model(network_or_config: Any) -> str:
+    """``'deepseek2'``, ``'wizardcoder'`` or ``'llama'`` for one of our networks or configs."""
+    config = getattr(network_or_config, "config", network_or_config)
+    if hasattr(config, "kv_lora_rank"):
+        return "deepseek2"
+    if hasattr(config, "multi_query"):
+        return "wizardcoder"
+    return "llama"
+
+
+def _family(model: str) -> str:
+    if model.endswith("_upstream"):
+        model = model[:-len("_upstream")]
+    if model not in FAMILIES:
+        raise ConversionError(f"--upstream: unknown --model {model!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[model]
+
+
+def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
+                        hidden_size: Optional[int] = None) -> WeightMap:
+    """The upstream map of ``family``; for DeepSeek-V2 the grouped-matmul variant when the stacked
+    experts are stored (E, hidden, inter) (``use_gmm``), told from ``entries``' shapes."""
+    wmap = get_weight_map(upstream_map_name(family))
+    if family != "deepseek2" or not entries:
+        return wmap
+    if hidden_size is None:
+        embedding = [e for e in entries if e.name == "model.tok_embeddings.embedding_weight"]
+        hidden_size = embedding[0].shape[1] if embedding else None
+    for entry in entries:
+        if entry.name.endswith(".feed_forward.routed_experts.ffn.w1.weight") and len(entry.shape) == 3:
+            _, rows, cols = entry.shape
+            if hidden_size is not None and rows == hidden_size and cols != hidden_size:
+                from mindformers_ext.convert.maps.deepseek2_upstream import GMM_MAP  # pylint: disable=C0415
+                return GMM_MAP
+            break
+    return wmap
+
+
+def _yaml_model_config(path: str) -> dict:
+    """``model.model_config`` of a YAML (ours or upstream's, translated), with ``moe_config`` folded in."""
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    from mindformers_ext.upstream import translate_config  # pylint: disable=import-outside-toplevel
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConversionError(f"{path}: cannot read the YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: the top level of the YAML must be a mapping")
+    translate_config(raw, path, warn=lambda m: None, info=lambda m: None)
+    model_config = (raw.get("model") or {}).get("model_config")
+    if not isinstance(model_config, dict):
+        raise ConversionError(f"{path}: no model.model_config section")
+    return {k: v for k, v in model_config.items() if k not in ("auto_register", "checkpoint_name_or_path")}
+
+
+def _config_value(config: Any, wmap: WeightMap) -> Any:
+    """A YAML path (ours or upstream's) -> its model_config dict; an HF config.json path -> its dict."""
+    if isinstance(config, (str, os.PathLike)):
+        if str(config).endswith((".yaml", ".yml")):
+            if not os.path.isfile(config):
+                raise ConversionError(f"{config}: config file not found")
+            return _yaml_model_config(os.fspath(config))
+        from mindformers_ext.convert.configs import load_config  # pylint: disable=import-outside-toplevel
+        return load_config(config, wmap)
+    return config
+
+
+def _shapes_fit(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry]) -> Optional[str]:
+    """None when the source's tensors fit ``config`` under ``wmap``, else why not."""
+    try:
+        plan_for(_ListSource("probe", entries), wmap, config, "ours")
+    except (ConversionError, KeyError, TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+class _ListSource(WeightSource):
+    def __init__(self, path: str, entries: Sequence[TensorEntry]):
+        super().__init__(path, "ckpt", lambda: list(entries))
+
+
+def resolve_config(family: str, wmap: WeightMap, entries: Sequence[TensorEntry], config: Any = None,
+                   source: str = "") -> Any:
+    """The config to check shapes against: ``config`` (our or upstream's YAML, HF config.json / dict,
+    our config object), else the first of the family's shipped sizes whose shapes the checkpoint fits."""
+    if config is not None:
+        return _config_value(config, wmap)
+    tried = []
+    candidates: list[tuple[str, Any]] = [(p, os.path.join(REPO, p)) for p in DEFAULT_CONFIGS[family]]
+    if family == "llama":
+        from research.deepseek1_5 import DeepSeekCoderConfig  # pylint: disable=import-outside-toplevel
+        candidates += [(p, DeepSeekCoderConfig.from_preset(p)) for p in _LLAMA_PRESETS]
+    for label, candidate in candidates:
+        value = _config_value(candidate, wmap)
+        why = _shapes_fit(wmap, value, entries)
+        if why is None:
+            return value
+        tried.append(f"{label}: {why.split(': ', 1)[-1]}")
+    raise ConversionError(f"{source}: an upstream {_FAMILY_TITLE[family]} checkpoint whose shapes match none of the "
+                          "released sizes; pass --config (the YAML the checkpoint was trained with, upstream's or "
+                          "ours, or the HF config.json). Tried:\n  " + "\n  ".join(tried))
+
+
+def plan_upstream(source: WeightSource, family: str, config: Any = None, dtype: Optional[str] = None):
+    """``(plan, weight_map)`` converting an upstream checkpoint of ``family`` to our names."""
+    entries = source.entries()
+    found = detect_upstream(e.name for e in entries)
+    if family != "llama":
+        if found is None:
+            sample = ", ".join(repr(n) for n in _model_names(e.name for e in entries)[:4])
+            ours = {"deepseek2": ".feed_forward.router.dense.weight", "wizardcoder": "model.layers."}[family]
+            hint = (" It already has our names: load it as it is." if any(ours in e.name for e in entries)
+                    else "")
+            raise ConversionError(f"{source.path}: not an upstream MindFormers {_FAMILY_TITLE[family]} checkpoint (no "
+                                  f"names like {_example(family)}; it holds {sample}, ...).{hint}")
+        if found != family:
+            raise ConversionError(f"{source.path}: an upstream {_FAMILY_TITLE[found]} checkpoint, not "
+                                  f"{_FAMILY_TITLE[family]} (wrong --model?)")
+    elif found is not None:
+        raise ConversionError(f"{source.path}: an upstream {_FAMILY_TITLE[found]} checkpoint, not "
+                              f"{_FAMILY_TITLE[family]} (wrong --model?)")
+    wmap = upstream_weight_map(family, entries)
+    cfg = resolve_config(family, wmap, entries, config, source.path)
+    return plan_for(_ListSource(source.path, entries), wmap, cfg, "ours", dtype), wmap, cfg
+
+
+def _example(family: str) -> str:
+    return {"deepseek2": "'model.layers.1.feed_forward.routed_experts.ffn.w1.weight'",
+            "wizardcoder": "'backbone.blocks.0.layernorm1.gamma'"}[family]
+
+
+def convert_upstream(input_path: str, output_path: str, model: str, config: Any = None, dtype: Optional[str] = None,
+                     progress: bool = True) -> ConversionResult:
+    """Migrate an upstream MindFormers checkpoint of ``model`` (``deepseek2``, ``wizardcoder``,
+    ``deepseek``) to our layout at ``output_path`` (``.ckpt`` or ``.safetensors``)."""
+    family = _family(model)
+    source = open_source(input_path)
+    _, wmap, cfg = plan_upstream(source, family, config)
+    return convert(source, output_path, wmap, dtype=dtype, progress=progress, config=cfg)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _group_entries(files: Sequence[str]) -> tuple[WeightSource, list[TensorEntry]]:
+    entries: list[TensorEntry] = []
+    for file in files:
+        entries += open_source(file).entries()
+    names = ", ".join(os.path.basename(f) for f in files)
+    label = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])}/{{{names}}}"
+    return _ListSource(label, entries), entries
+
+
+def upstream_candidate(path: str, network: Any, rank_id: Optional[int] = None) -> Optional[list[str]]:
+    """The files of ``path`` (a checkpoint file or directory, as ``load_checkpoint`` takes it) that hold an
+    upstream MindFormers checkpoint of ``network``'s family, or None."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.checkpoint import candidate_groups, checkpoint_index, current_rank
+
+    family = family_of_model(network)
+    if family == "llama" or not os.path.exists(path):
+        return None
+    rank_id = current_rank() if rank_id is None else rank_id
+    for group in candidate_groups(os.fspath(path), rank_id):
+        names: list[str] = []
+        try:
+            for file in group:
+                names += list(checkpoint_index(file))
+        except Exception:  # pylint: disable=broad-except  (unreadable candidates are reported by the caller)
+            continue
+        if detect_upstream(names) == family:
+            return list(group)
+    return None
+
+
+def _float_code(network: Any) -> str:
+    for param in network.get_parameters():
+        name = str(param.dtype).lower()
+        for code, spelled in (("BF16", "bfloat16"), ("F16", "float16"), ("F32", "float32")):
+            if spelled in name:
+                return code
+    return "F32"
+
+
+def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str = "load_checkpoint") -> list[str]:
+    """Load the upstream MindFormers checkpoint ``files`` into ``network`` (one of ours), mapping names and
+    layouts tensor by tensor; every parameter must get a weight of its shape. Returns the files."""
+    # pylint: disable=import-outside-toplevel
+    from mindspore import Tensor
+    from mindformers.tools.logger import logger
+
+    from mindformers_ext.checkpoint import CheckpointError
+
+    files = [files] if isinstance(files, str) else list(files)
+    family = family_of_model(network)
+    params = {p.name: p for p in network.get_parameters()}
+    code = _float_code(network)
+    try:
+        source, _ = _group_entries(files)
+        plan, wmap, _ = plan_upstream(source, family, network.config, code)
+    except ConversionError as exc:
+        raise CheckpointError(f"{what}: {exc}") from exc
+    produced = {o.name: o.shape for o in plan.outputs}
+    missing = sorted(set(params) - set(produced))
+    unexpected = sorted(set(produced) - set(params))
+    wrong = [(n, produced[n], tuple(params[n].shape)) for n in produced
+             if n in params and tuple(produced[n]) != tuple(params[n].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"no weight for {missing[:4]}")
+        if unexpected:
+            parts.append(f"weights the model does not have: {unexpected[:4]}")
+        if wrong:
+            parts.append("shapes differ: " + ", ".join(f"{n} {tuple(a)} (model {tuple(b)})" for n, a, b in wrong[:4]))
+        raise CheckpointError(f"{what} {source.path}: an upstream MindFormers {_FAMILY_TITLE[family]} checkpoint that "
+                              f"does not fit {type(network).__name__}: " + "; ".join(parts))
+    logger.info("%s %s: upstream MindFormers %s checkpoint layout (%s): mapped to ours while loading; "
+                "tools/convert_weight.py --model %s --upstream migrates it once", what, source.path,
+                _FAMILY_TITLE[family], _WHAT[family], {"deepseek2": "deepseek2", "wizardcoder": "wizardcoder"}[family])
+    bf16 = None
+    for info, array in execute(plan):
+        if info.dtype == "BF16":
+            if bf16 is None:
+                from mindspore.common import np_dtype
+                bf16 = np_dtype.bfloat16
+            array = array.view(bf16)
+        param = params[info.name]
+        param.set_data(Tensor(np.ascontiguousarray(array)).astype(param.dtype))
+        del array
+    logger.info("%s: loaded %d weights from %s (%s)", what, len(produced), source.path, wmap.name)
+    return files
+
+
+def load_checkpoint_into(network: Any, path: str, rank_id: Optional[int] = None,
+                         what: str = "load_checkpoint") -> list[str]:
+    """:func:`mindformers_ext.checkpoint.load_checkpoint_into`, also accepting upstream MindFormers
+    checkpoints of the network's family (mapped while loading)."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext import checkpoint
+
+    try:
+        return checkpoint.load_checkpoint_into(network, path, rank_id, what)
+    except checkpoint.CheckpointError:
+        files = upstream_candidate(path, network, rank_id)
+        if files is None:
+            raise
+        return load_upstream_into(network, files, what)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Migrate a checkpoint written by upstream MindFormers (v1.3.2 - v1.5.0 converters "
+                               "or training) to this project's layout.")
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(FAMILIES))}")
+    parser.add_argument("--upstream", "--from_upstream", dest="upstream", action="store_true",
+                        help="the input is an upstream MindFormers checkpoint (required; selects this converter)")
+    parser.add_argument("--input_path", required=True, help="the upstream .ckpt (or .safetensors)")
+    parser.add_argument("--output_path", required=True, help="OURS.ckpt or OURS.safetensors, or a directory")
+    parser.add_argument("--config", default=None,
+                        help="the model's YAML (upstream's or ours) or HF config.json; default: the released size "
+                             "that the checkpoint's shapes fit")
+    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    output = args.output_path
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):
+        os.makedirs(output, exist_ok=True)
+        output = os.path.join(output, f"{args.model}.ckpt")
+    try:
+        dtype = normalize_dtype({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype))
+        result = convert_upstream(args.input_path, output, args.model, args.config, dtype,
+                                  progress=not args.no_progress)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} non-weight entries (e.g. {result.skipped[0][0]!r}: "
+              f"{result.skipped[0][1]})", file=sys.stderr)
+    print(f"migrated {result.tensors} tensors ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s -> "
+          + ", ".join(result.files))
+    return 0
