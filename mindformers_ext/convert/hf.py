@@ -46,10 +46,11 @@ def iter_hf_weights(hf_dir: str, model: Union[str, WeightMap, None] = None, conf
         wmap = get_weight_map(model)
     code = normalize_dtype(dtype)
     plan = plan_for(open_source(hf_dir, allow_pickle=allow_pickle), wmap, load_config(config, wmap), "ours", code)
-    return _generate(plan)
+    return mindspore_arrays(plan)
 
 
-def _generate(plan) -> Iterator[tuple[str, np.ndarray]]:
+def mindspore_arrays(plan) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of an executed conversion plan, bfloat16 viewed as MindSpore's numpy bfloat16."""
     bf16 = None
     for info, array in execute(plan):
         if info.dtype == "BF16":

@@ -23,8 +23,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from mindformers_ext.convert.dtypes import normalize_dtype
-from mindformers_ext.convert.engine import ConversionResult, convert, execute, plan_for
+from mindformers_ext.convert.engine import ConversionResult, convert, plan_for
 from mindformers_ext.convert.errors import ConversionError
+from mindformers_ext.convert.hf import mindspore_arrays
 from mindformers_ext.convert.registry import get_weight_map, upstream_map_name
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import TensorEntry
@@ -294,14 +295,8 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     logger.info("%s %s: upstream MindFormers %s checkpoint layout (%s): mapped to ours while loading; "
                 "tools/convert_weight.py --model %s --upstream migrates it once", what, source.path,
                 _FAMILY_TITLE[family], _WHAT[family], {"deepseek2": "deepseek2", "wizardcoder": "wizardcoder"}[family])
-    bf16 = None
-    for info, array in execute(plan):
-        if info.dtype == "BF16":
-            if bf16 is None:
-                from mindspore.common import np_dtype
-                bf16 = np_dtype.bfloat16
-            array = array.view(bf16)
-        param = params[info.name]
+    for name, array in mindspore_arrays(plan):
+        param = params[name]
         param.set_data(Tensor(np.ascontiguousarray(array)).astype(param.dtype))
         del array
     logger.info("%s: loaded %d weights from %s (%s)", what, len(produced), source.path, wmap.name)
