@@ -260,8 +260,11 @@ def test_failure_leaves_no_output(tmp_path):
                      "--no_progress"])
     # the good file came first: its samples went to the temporary directory only
     assert not out_dir.exists()  # not even the directory it created
-    with pytest.raises(ValueError, match="no samples to write"):  # everything dropped
+    with pytest.raises(ValueError, match="too small for template 'alpaca'"):  # nothing could fit: said up front
         wc_pre.main(["--input_glob", good, "--output_file", str(out), "--seq_length", "8", "--no_progress"])
+    assert not out_dir.exists()
+    with pytest.raises(ValueError, match="no samples to write .*: all 3 records were dropped"):  # everything dropped
+        wc_pre.main(["--input_glob", good, "--output_file", str(out), "--seq_length", "30", "--no_progress"])
     assert not out_dir.exists()
     with pytest.raises(FileNotFoundError, match="matches no file"):
         wc_pre.main(["--input_glob", str(tmp_path / "nothing*.json"), "--output_file", str(out),

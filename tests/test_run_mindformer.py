@@ -43,6 +43,21 @@ def test_cli_flags_aliases_and_typed_overrides():
     assert parse_scalar("./out") == "./out" and parse_scalar("a=b") == "a=b"
 
 
+def test_overrides_can_delete_keys_and_list_entries():
+    """``__delete__`` removes a key or a list entry (e.g. an upstream callback MindFormers 1.9 lacks)."""
+    from mindformers_ext.runner.config import ConfigError, apply_overrides
+
+    config = {"callbacks": [{"type": "MFLossMonitor"}, {"type": "ObsMonitor"}, {"type": "CheckpointMonitor"}],
+              "model": {"model_config": {"use_flash_attention": True, "seq_length": 8}}}
+    _, overrides = parse_args(["--config", "x.yaml", "--callbacks.1", "__delete__",
+                               "--model.model_config.use_flash_attention", "__delete__"])
+    apply_overrides(config, overrides)
+    assert [c["type"] for c in config["callbacks"]] == ["MFLossMonitor", "CheckpointMonitor"]
+    assert config["model"]["model_config"] == {"seq_length": 8}
+    with pytest.raises(ConfigError, match="no such key to delete"):
+        apply_overrides(config, {"model.model_config.nope": "__delete__"})
+
+
 def test_cli_errors_are_clear():
     with pytest.raises(SystemExit, match="override --a.b has no value"):
         parse_args(["--config", "x.yaml", "--a.b"])

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from mindformers_ext.convert.engine import convert
+from mindformers_ext.convert.engine import ConversionInterrupted, convert
 from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.registry import available_models
 
@@ -38,6 +38,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                              "torch.load(weights_only=True)); HF's .bin state dicts need no flag (restricted reader)")
     parser.add_argument("--max_shard_size", default="5GB", help="reversed: shard size of the HF output (5GB)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (default: refuse); the input itself is never replaced")
     return parser
 
 
@@ -56,12 +58,24 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
     """Run the converter; ``default_name``: the file written inside a directory ``--output_path``
     (default ``<model>.ckpt``)."""
     args = build_parser(prog).parse_args(argv)
-    args.output_path = output_file(args.output_path, args.reversed, default_name or f"{args.model}.ckpt")
+    if os.path.exists(args.output_path) and os.path.exists(args.input_path) and \
+            os.path.samefile(args.output_path, args.input_path):
+        print(f"error: {args.output_path}: the output path is the input path; write the conversion somewhere "
+              "else", file=sys.stderr)
+        return 1
     try:
+        args.output_path = output_file(args.output_path, args.reversed, default_name or f"{args.model}.ckpt")
         result = convert(args.input_path, args.output_path, args.model, dtype=args.dtype,
                          progress=not args.no_progress, config=args.config, reverse=args.reversed,
-                         max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle)
+                         max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle,
+                         overwrite=args.overwrite)
     except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ConversionInterrupted as exc:
+        print(f"error: {exc}; the partial output was removed, {args.output_path} is unchanged", file=sys.stderr)
+        return exc.code
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if result.skipped:
@@ -87,6 +101,7 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
     parser.add_argument("--reversed", action="store_true", help="MindSpore checkpoint -> HF safetensors")
     parser.add_argument("--config", default=None, help="HF config.json or our YAML")
     parser.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     args = parser.parse_args(argv)
     src, dst = args.torch_ckpt_path, args.mindspore_ckpt_path
     forwarded = ["--model", model, "--input_path", dst if args.reversed else src,
@@ -95,4 +110,5 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
         if value:
             forwarded += [flag, value]
     forwarded += ["--reversed"] * args.reversed + ["--allow-pickle"] * args.allow_pickle
+    forwarded += ["--overwrite"] * args.overwrite
     return main(forwarded, prog=prog, default_name=SEED_CKPT_NAME)

@@ -28,11 +28,24 @@ def load_config(config: Any, wmap: WeightMap) -> dict:
                 raise ConversionError(f"{path}: cannot read the config as JSON: {exc}") from exc
             if not isinstance(config, dict):
                 raise ConversionError(f"{path}: the config is not a JSON object")
+        check_model_type(wmap, config, path)
         try:
             return check_map_config(wmap, config)
         except ConversionError as exc:
             raise ConversionError(f"{path}: {exc}") from exc
+    check_model_type(wmap, config, "the config")
     return check_map_config(wmap, config)
+
+
+def check_model_type(wmap: WeightMap, config: Any, where: str) -> None:
+    """Refuse an HF config whose ``model_type`` is not one the map converts (a wrong ``--model``)."""
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not kind or not wmap.model_types or kind in wmap.model_types:
+        return
+    from mindformers_ext.convert.registry import MODEL_TYPES  # pylint: disable=import-outside-toplevel
+    hint = f"; for this checkpoint use --model {MODEL_TYPES[kind]}" if kind in MODEL_TYPES else ""
+    raise ConversionError(f"{where}: model_type {kind!r} is not a {wmap.name} checkpoint (--model {wmap.name} "
+                          f"expects model_type {' / '.join(map(repr, wmap.model_types))}){hint}")
 
 
 def _model_config_from_yaml(path: str) -> dict:

@@ -21,14 +21,28 @@ from mindformers_ext.convert.registry import get_weight_map
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import TensorInfo
 from mindformers_ext.convert.weight_map import WeightMap, check_map_config
+from mindformers_ext.interrupts import Interrupted, raise_on_signals
 
 
-def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype: Optional[str] = None) -> Plan:
-    """Validate ``source`` against the map and config and plan its conversion towards ``to``."""
+def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype: Optional[str] = None,
+             config_origin: Any = None) -> Plan:
+    """Validate ``source`` against the map and config and plan its conversion towards ``to``.
+
+    ``config_origin`` (the config file, when there is one) names the config in error messages."""
     hf_cfg = check_map_config(wmap, config)
     wmap = wmap.for_config(hf_cfg)
-    hf = expected_shapes(wmap, hf_cfg, "hf")
-    ours = expected_shapes(wmap, hf_cfg, "ours")
+    try:
+        hf = expected_shapes(wmap, hf_cfg, "hf")
+        ours = expected_shapes(wmap, hf_cfg, "ours")
+    except (KeyError, TypeError, IndexError) as exc:
+        where = os.fspath(config_origin) if isinstance(config_origin, (str, os.PathLike)) else "the config"
+        kind = hf_cfg.get("model_type")
+        what = f" (model_type {kind!r})" if kind else ""
+        key = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConversionError(f"{where}{what} is not a {wmap.name} config: the {wmap.name} weight map needs "
+                              f"{key!r}, which it lacks; is --model {wmap.name} the right model for "
+                              f"{source.path}?") from None
+
     expected = (hf, ours) if to == "ours" else (ours, hf)
     return make_plan(source.entries(), wmap, hf_cfg, to, normalize_dtype(dtype), expected, source.path)
 
@@ -114,7 +128,8 @@ def find_hf_config(path: str) -> Optional[str]:
 
 def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str, WeightMap],
             dtype: Optional[str] = None, progress: bool = True, *, config: Any = None, reverse: bool = False,
-            max_shard_size: Union[int, str] = "5GB", allow_pickle: bool = False) -> ConversionResult:
+            max_shard_size: Union[int, str] = "5GB", allow_pickle: bool = False,
+            overwrite: bool = True) -> ConversionResult:
     """Convert a checkpoint between HF and our (MindSpore) names, streaming tensor by tensor.
 
     Forward (``reverse=False``): ``source`` is an HF checkpoint (model dir, safetensors file or index,
@@ -126,7 +141,11 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     ``dtype`` (``float32`` / ``float16`` / ``bfloat16``) converts every float tensor; ``None`` keeps them.
 
     Nothing is written unless the whole source validates: names, shapes against the config, no missing
-    tensor. The output appears atomically (temp file + rename); on any error nothing is left behind.
+    tensor. The output appears atomically (temp file + rename); on any error, and on SIGTERM / SIGINT /
+    SIGHUP, the temporary output is removed (stale ones of killed runs go at the next run to the same
+    output). An output that would replace or delete one of the input's files is refused; an existing
+    output is replaced only with ``overwrite`` (the CLI's ``--overwrite``; the library default keeps
+    the old behaviour).
     """
     from mindformers_ext.convert.configs import load_config  # pylint: disable=import-outside-toplevel
 
@@ -142,22 +161,65 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
             raise ConversionError(f"{src.path}: no config.json beside the weights; pass --config (HF config.json "
                                   "or our YAML) so shapes can be checked")
     hf_cfg = load_config(config, wmap)
-    plan = plan_for(src, wmap, hf_cfg, "hf" if reverse else "ours", dtype)
+    plan = plan_for(src, wmap, hf_cfg, "hf" if reverse else "ours", dtype, config)
+    check_output(src, plan, target, reverse, overwrite)
     sink = _make_sink(target, reverse, hf_cfg, plan, max_shard_size)
     bar = _progress(plan, progress, os.path.basename(os.path.normpath(target)))
-    try:
-        sink.begin(plan.outputs)
-        for info, array in execute(plan):
-            sink.write(info, array)
-            bar.update(array.nbytes)
-            del array
-        files = sink.commit()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
+    with raise_on_signals():
+        try:
+            sink.begin(plan.outputs)
+            for info, array in execute(plan):
+                sink.write(info, array)
+                bar.update(array.nbytes)
+                del array
+            files = sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            bar.close()
     return ConversionResult(files, len(plan.outputs), plan.total_bytes, time.time() - t0, plan.skipped)
+
+
+ConversionInterrupted = Interrupted  # a conversion stopped by SIGTERM / SIGINT / SIGHUP (exit 128 + signal)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def input_files(source: WeightSource, plan: Plan) -> set[str]:
+    """Every file the conversion reads (real paths): the source (index) and each tensor's file."""
+    files = {_real(source.path)} if os.path.isfile(source.path) else set()
+    for step in plan.steps:
+        entry = getattr(step, "entry", None)
+        if entry is not None and getattr(entry, "path", ""):
+            files.add(_real(entry.path))
+    return files
+
+
+def check_output(source: WeightSource, plan: Plan, target: str, reverse: bool, overwrite: bool) -> None:
+    """Refuse an output that would replace or delete an input file, and an existing output unless
+    ``overwrite``."""
+    target = os.fspath(target)
+    inputs = input_files(source, plan)
+    real_target = _real(target)
+    if real_target == _real(source.path) or real_target in inputs:
+        raise ConversionError(f"{target}: the output is the input ({source.path}); converting would destroy "
+                              "it: write to another path")
+    if reverse:
+        inside = sorted(f for f in inputs if os.path.dirname(f) == real_target)
+        if inside:
+            raise ConversionError(f"{target}: the output directory holds the input {inside[0]}, which writing "
+                                  "the HF checkpoint there could replace or delete: write to another directory")
+        if os.path.isdir(target) and not overwrite:
+            present = sorted(n for n in os.listdir(target) if n == "config.json" or
+                             (n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))))
+            if present:
+                raise ConversionError(f"{target}: already holds {', '.join(present)}; pass --overwrite to replace "
+                                      "them")
+    elif os.path.lexists(target) and not overwrite and not os.path.isdir(target):
+        raise ConversionError(f"{target}: exists; pass --overwrite to replace it")
 
 
 def _make_sink(target: str, reverse: bool, hf_cfg: dict, plan: Plan, max_shard_size):

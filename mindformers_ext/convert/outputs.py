@@ -2,12 +2,17 @@
 
 Each sink gets the planned outputs up front (:meth:`begin`), tensors one at a time (:meth:`write`), and
 either :meth:`commit` (rename into place) or :meth:`abort` (delete the temporary output).
+
+Temporary outputs are named ``<output>.tmp-<pid>-<random>``. A process killed outright (kill -9, power
+loss) cannot remove its own; the next conversion to the same output removes every such temp whose
+process is gone (and ones of the older ``<output>.tmp-<random>`` form), never one a live process owns.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -22,6 +27,57 @@ from mindformers_ext.convert.safetensors_io import (INDEX_NAME, SafetensorsWrite
 from mindformers_ext.convert.tensors import TensorInfo
 
 
+_TEMP_RE = re.compile(r"\.tmp-(?:(?P<pid>\d+)-)?[0-9A-Za-z_]{6,16}")
+
+
+def temp_prefix(path: str) -> str:
+    """``<path>.tmp-<pid>-``: the start of this process's temporary outputs for ``path``."""
+    return f"{path}.tmp-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_temps(path: str) -> list[str]:
+    """Temporary outputs of ``path`` left by conversions that died (their process no longer runs)."""
+    found = []
+    for candidate in glob.glob(glob.escape(path) + ".tmp-*"):
+        match = _TEMP_RE.fullmatch(candidate[len(path):])
+        if not match:
+            continue
+        pid = match.group("pid")
+        if pid is None or not _pid_alive(int(pid)):
+            found.append(candidate)
+    return sorted(found)
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Delete :func:`stale_temps` of ``path``; returns what was removed."""
+    removed = []
+    for stale in stale_temps(path):
+        try:
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale)
+            else:
+                os.remove(stale)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConversionError(f"{stale}: cannot remove this stale temporary output of an interrupted "
+                                  f"conversion: {exc}") from exc
+        removed.append(stale)
+    return removed
+
+
 def _umask_mode(mode: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -33,13 +89,15 @@ class CkptSink:
 
     def __init__(self, path: str):
         self.path = path
-        self.tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        self.tmp = temp_prefix(path) + secrets.token_hex(4)
+        self.removed_stale: list[str] = []
         self._f = None
         self._writer: Optional[CkptWriter] = None
         self._infos: dict[str, TensorInfo] = {}
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
         self._infos = {o.name: o for o in outputs}
+        self.removed_stale = remove_stale_temps(self.path)
         self._f = open(self.tmp, "xb")  # pylint: disable=consider-using-with
         self._writer = CkptWriter(self._f)
 
@@ -64,11 +122,13 @@ class SafetensorsFileSink:
 
     def __init__(self, path: str, metadata: Optional[dict] = None):
         self.path = path
-        self.tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        self.tmp = temp_prefix(path) + secrets.token_hex(4)
+        self.removed_stale: list[str] = []
         self.metadata = metadata
         self._writer: Optional[SafetensorsWriter] = None
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
+        self.removed_stale = remove_stale_temps(self.path)
         self._writer = SafetensorsWriter(self.tmp, outputs, self.metadata)
 
     def write(self, info: TensorInfo, array: np.ndarray) -> None:
@@ -104,11 +164,13 @@ class HFDirSink:
         self.tmp = ""
         self._writers: dict[str, SafetensorsWriter] = {}
         self._shard_of: dict[str, str] = {}
+        self.removed_stale: list[str] = []
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".tmp-", dir=parent)
+        self.removed_stale = remove_stale_temps(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(temp_prefix(self.path)), dir=parent)
         shards = plan_shards(outputs, self.max_bytes)
         names = shard_names(len(shards))
         for shard, name in zip(shards, names):

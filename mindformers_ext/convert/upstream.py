@@ -209,13 +209,14 @@ def _example(family: str) -> str:
 
 
 def convert_upstream(input_path: str, output_path: str, model: str, config: Any = None, dtype: Optional[str] = None,
-                     progress: bool = True) -> ConversionResult:
+                     progress: bool = True, overwrite: bool = False) -> ConversionResult:
     """Migrate an upstream MindFormers checkpoint of ``model`` (``deepseek2``, ``wizardcoder``,
-    ``deepseek``) to our layout at ``output_path`` (``.ckpt`` or ``.safetensors``)."""
+    ``deepseek``) to our layout at ``output_path`` (``.ckpt`` or ``.safetensors``; an existing one
+    only with ``overwrite``)."""
     family = _family(model)
     source = open_source(input_path)
     _, wmap, cfg = plan_upstream(source, family, config)
-    return convert(source, output_path, wmap, dtype=dtype, progress=progress, config=cfg)
+    return convert(source, output_path, wmap, dtype=dtype, progress=progress, config=cfg, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -334,6 +335,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                              "that the checkpoint's shapes fit")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
 
@@ -346,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     try:
         dtype = normalize_dtype({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype))
         result = convert_upstream(args.input_path, output, args.model, args.config, dtype,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, overwrite=args.overwrite)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

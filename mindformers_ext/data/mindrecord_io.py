@@ -4,12 +4,19 @@ MindSpore's ``FileWriter`` writes ``NAME`` and an index ``NAME.db`` (``NAME0``, 
 their ``.db`` with ``shard_num > 1``). The files record their own base names, so they cannot be
 written under a temporary name and renamed. Instead they are written, under their final base
 names, into a hidden temporary directory next to the output, and moved into place only after
-``commit()`` succeeded; on any error the directory is removed, so a failed run leaves no output.
+``commit()`` succeeded; on any error (and on SIGTERM / SIGINT / SIGHUP) the directory is removed, so
+a failed run leaves no output. The directory is ``.NAME.<pid>-XXXXXXXX.tmp``; one left by a run killed
+outright (kill -9) is removed by the next run writing ``NAME``, once its process is gone.
 """
+import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 from typing import Dict, List
+
+from mindformers_ext.interrupts import raise_on_signals
 
 __all__ = ["SFT_SCHEMA", "output_files", "AtomicMindRecordWriter"]
 
@@ -23,6 +30,33 @@ def output_files(output_file: str, shard_num: int = 1) -> List[str]:
     """Paths that a MindRecord of ``shard_num`` shards named ``output_file`` consists of."""
     shards = [output_file] if shard_num == 1 else [f"{output_file}{i}" for i in range(shard_num)]
     return [p for shard in shards for p in (shard, shard + ".db")]
+
+
+_TEMP_DIR_RE = re.compile(r"(?:(?P<pid>\d+)-)?[0-9a-z_]{8}\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_dirs(output_file: str) -> List[str]:
+    """Temporary directories of ``output_file`` left by runs whose process is gone."""
+    parent, name = os.path.split(os.path.abspath(output_file))
+    prefix = f".{name}."
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*.tmp")):
+        match = _TEMP_DIR_RE.fullmatch(os.path.basename(path)[len(prefix):])
+        if match and os.path.isdir(path) and (match.group("pid") is None or not _pid_alive(int(match.group("pid")))):
+            found.append(path)
+    return sorted(found)
 
 
 class AtomicMindRecordWriter:
@@ -49,6 +83,7 @@ class AtomicMindRecordWriter:
         self._tmpdir = None
         self._writer = None
         self._created_dirs: List[str] = []
+        self._signals = None
 
     def check_output(self):
         """Raise if the output exists and ``overwrite`` is off (call early, before slow work)."""
@@ -69,9 +104,17 @@ class AtomicMindRecordWriter:
             self._created_dirs.append(missing)
             missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
-        self._tmpdir = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        self._writer = FileWriter(os.path.join(self._tmpdir, name), shard_num=self.shard_num)
-        self._writer.add_schema(self.schema, self.desc)
+        for stale in stale_temp_dirs(self.output_file):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._signals = raise_on_signals()
+        self._signals.__enter__()  # pylint: disable=unnecessary-dunder-call
+        try:
+            self._tmpdir = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=".tmp", dir=parent)
+            self._writer = FileWriter(os.path.join(self._tmpdir, name), shard_num=self.shard_num)
+            self._writer.add_schema(self.schema, self.desc)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def write(self, rows: List[dict]):
@@ -95,6 +138,9 @@ class AtomicMindRecordWriter:
             if self._tmpdir is not None:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
                 self._tmpdir = None
+            if self._signals is not None:
+                self._signals.__exit__(None, None, None)
+                self._signals = None
             if failed:
                 for path in self._created_dirs:  # innermost first; only while empty
                     try:

@@ -11,6 +11,8 @@ from typing import Callable, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from mindformers_ext.interrupts import Interrupted
+
 from .mindrecord_io import AtomicMindRecordWriter
 from .records import read_records
 from .sft import PreprocessStats, SFTEncoder
@@ -59,6 +61,7 @@ def preprocess_to_mindrecord(input_files: Sequence[str], output_file: str, token
         The counts (records / written / truncated / dropped).
     """
     encoder = SFTEncoder(tokenizer, template, seq_length, pad_token_id, drop_long)
+    encoder.check_fits()
     stats = PreprocessStats(files=list(input_files))
     writer = AtomicMindRecordWriter(output_file, shard_num=shard_num, overwrite=overwrite,
                                     desc=desc or f"sft-{template.name}")
@@ -78,7 +81,24 @@ def preprocess_to_mindrecord(input_files: Sequence[str], output_file: str, token
                         writer.write(batch)
                         batch = []
         writer.write(batch)
+        if stats.written == 0:
+            raise ValueError(nothing_written(stats, output_file, seq_length))
     return stats
+
+
+def nothing_written(stats: PreprocessStats, output_file: str, seq_length: int) -> str:
+    """Why no sample was written, for the error message."""
+    if stats.records == 0:
+        return f"no samples to write to {output_file}: the input files hold no records ({', '.join(stats.files)})"
+    reasons = []
+    if stats.dropped_no_target:
+        reasons.append(f"{stats.dropped_no_target} had a prompt that fills seq_length + 1 = {seq_length + 1} tokens "
+                       "(no room for the answer: raise --seq_length)")
+    if stats.dropped_long:
+        reasons.append(f"{stats.dropped_long} were longer than seq_length + 1 = {seq_length + 1} tokens and "
+                       "--drop_long is set")
+    return (f"no samples to write to {output_file}: all {stats.records} records were dropped: "
+            + "; ".join(reasons))
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_pad: Optional[int]) -> argparse.ArgumentParser:
@@ -118,6 +138,9 @@ def cli_exit(main: Callable[[], object]) -> int:
     """Run a CLI ``main``; report data, file and argument errors as one line instead of a traceback."""
     try:
         main()
+    except Interrupted as exc:
+        print(f"error: {exc}; nothing was written (the temporary output was removed)", file=sys.stderr)
+        return exc.code
     except (OSError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)

@@ -30,11 +30,35 @@ import numpy as np
 from .records import InstructionRecord
 from .templates import PromptTemplate
 
-__all__ = ["IGNORE_INDEX", "SFTSample", "PreprocessStats", "SFTEncoder", "build_sample"]
+__all__ = ["IGNORE_INDEX", "SFTSample", "PreprocessStats", "SFTEncoder", "build_sample", "encode_prefix"]
 
 IGNORE_INDEX = -100
 
 OK, TRUNCATED, DROPPED_LONG, DROPPED_NO_TARGET = "ok", "truncated", "dropped_long", "dropped_no_target"
+
+# encode_prefix: first try this many characters per needed token (code and prose: 3 - 4 per token)
+_CHARS_PER_TOKEN = 8
+# tokens dropped from the end of an encoded prefix: the cut can change the tokens just before it
+_BOUNDARY_SLACK = 64
+
+
+def encode_prefix(tokenizer, text: str, need: int, add_special_tokens: bool) -> Tuple[List[int], bool]:
+    """The leading tokens of ``tokenizer.encode(text)``, without tokenising all of a huge text.
+
+    Returns ``(ids, complete)``: every token of ``text`` (``complete``), or at least ``need`` tokens
+    equal to the first ones of the whole encoding (then the text has more than ``need`` tokens).
+    Encodes a prefix of ``(need + slack) * 8`` characters, growing it 4x while it yields too few
+    tokens, and drops the last ``slack`` (64) tokens, which the cut may have changed. Memory and time
+    follow ``need``, not ``len(text)`` (a 48 MB record kept to 4K tokens reads ~40 KB of it).
+    """
+    chars = (need + _BOUNDARY_SLACK) * _CHARS_PER_TOKEN
+    while True:
+        if len(text) <= chars:
+            return list(tokenizer.encode(text, add_special_tokens=add_special_tokens)), True
+        ids = list(tokenizer.encode(text[:chars], add_special_tokens=add_special_tokens))
+        if len(ids) >= need + _BOUNDARY_SLACK:
+            return ids[:len(ids) - _BOUNDARY_SLACK], False
+        chars *= 4
 
 
 @dataclass
@@ -140,7 +164,35 @@ class SFTEncoder:
         target_ids = list(self.tokenizer.encode(target, add_special_tokens=False)) if target else []
         return prompt_ids, target_ids + [self.end_token_id]
 
+    def tokenize_kept(self, record: InstructionRecord) -> Tuple[List[int], List[int]]:
+        """Like :meth:`tokenize`, but only as far as a sample can keep (see :func:`encode_prefix`): the
+        sample and status :func:`build_sample` makes of it are the same, memory stays bounded."""
+        length = self.seq_length + 1
+        prompt = self.template.render_prompt(record.instruction, record.input)
+        prompt_ids, complete = encode_prefix(self.tokenizer, prompt, length + 1, True)
+        del prompt
+        if not complete or len(prompt_ids) >= length:  # the prompt fills the window: no target is kept
+            return prompt_ids, [self.end_token_id]
+        target = self.template.render_target(record.output)
+        target_ids = encode_prefix(self.tokenizer, target, length - len(prompt_ids) + 1, False)[0] if target else []
+        return prompt_ids, target_ids + [self.end_token_id]
+
     def encode(self, record: InstructionRecord) -> Tuple[Optional[SFTSample], str]:
         """Sample and status for one record (see :func:`build_sample`)."""
-        prompt_ids, target_ids = self.tokenize(record)
+        prompt_ids, target_ids = self.tokenize_kept(record)
         return build_sample(prompt_ids, target_ids, self.seq_length, self.pad_token_id, self.drop_long)
+
+    def min_prompt_tokens(self) -> int:
+        """Tokens of the template's prompt with an empty instruction (special tokens included)."""
+        prompt = self.template.render_prompt("", "")
+        return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def check_fits(self) -> None:
+        """Fail when ``seq_length`` leaves no room for a target token after the template's own prompt."""
+        prompt = self.min_prompt_tokens()
+        if self.seq_length < prompt:
+            raise ValueError(f"--seq_length {self.seq_length} is too small for template {self.template.name!r}: "
+                             f"its prompt alone (with an empty instruction) takes {prompt} tokens, so no sample of "
+                             f"seq_length + 1 = {self.seq_length + 1} tokens can hold a target token and nothing "
+                             f"would be written; use --seq_length {prompt} at the very least (room for the "
+                             "instruction and the answer: much more)")

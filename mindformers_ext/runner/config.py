@@ -35,6 +35,50 @@ class ConfigError(ValueError):
     """A problem with the YAML or an override; the message names the file and key."""
 
 
+def yaml_error_line(path: str, exc: Exception) -> str:
+    """``FILE:LINE:COLUMN: invalid YAML: PROBLEM`` (one line) for a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = path
+    if mark is not None:
+        name = mark.name if mark.name and os.path.isfile(str(mark.name)) else path  # a base_config file
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}"
+    problem = ": ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None))
+                       if part) or str(exc).splitlines()[0]
+    return f"{where}: invalid YAML: {problem}"
+
+
+# (section path, registry kind) of the class names a run builds from its YAML
+TYPED_SECTIONS = ((("model", "arch"), "MODELS"), (("model", "model_config"), "CONFIG"),
+                  (("processor", "tokenizer"), "TOKENIZER"))
+
+
+def check_types(config: Any) -> None:
+    """Fail with the file, the key and close registered names when a ``type`` the run builds is unknown
+    (MindFormers would end in a long registry traceback)."""
+    # pylint: disable=import-outside-toplevel
+    import difflib
+
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+    path = config.get("config_path", "config") if hasattr(config, "get") else "config"
+    for keys, kind in TYPED_SECTIONS:
+        node = config
+        for key in keys:
+            node = node.get(key) if hasattr(node, "get") else None
+        kind_name = node.get("type") if hasattr(node, "get") else None
+        if not kind_name:
+            continue
+        module_type = getattr(MindFormerModuleType, kind)
+        if MindFormerRegister.is_exist(module_type, kind_name):
+            continue
+        known = sorted(MindFormerRegister.registry.get(module_type, {}))
+        close = difflib.get_close_matches(str(kind_name), known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else \
+            " (a class of another package needs --register_path)"
+        label = {"MODELS": "model", "CONFIG": "model config", "TOKENIZER": "tokenizer"}[kind]
+        raise ConfigError(f"{path}: {'.'.join(keys)}.type: unknown {label} type {kind_name!r}{hint}")
+
+
 def load_yaml(path: str) -> dict:
     """The raw YAML as a dict (``base_config`` includes resolved), before MindFormers' template."""
     if not os.path.isfile(path):
@@ -42,8 +86,14 @@ def load_yaml(path: str) -> dict:
     try:
         # pylint: disable=protected-access
         raw = MindFormerConfig._file2dict(path)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8: byte 0x{exc.object[exc.start]:02x} at byte offset "
+                          f"{exc.start}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        cause = exc if isinstance(exc, yaml.YAMLError) else exc.__cause__  # MindFormers wraps it in ValueError
+        if isinstance(cause, yaml.YAMLError):
+            raise ConfigError(yaml_error_line(path, cause)) from None
+        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level of the YAML must be a mapping")
     return dict(raw)
@@ -75,10 +125,15 @@ def _typed_like(current: Any, value: Any, raw: Optional[str], key: str) -> Any:
     return value
 
 
+DELETE = "__delete__"
+
+
 def apply_overrides(config: dict, overrides: dict[str, Any], source: str = "command line") -> None:
     """Set dotted keys in ``config`` (a number indexes a list: ``callbacks.1.prefix``). Every parent
     must exist (typos are errors); the leaf key may be new. Values are typed as YAML scalars, except
-    that a key the YAML holds as a string stays a string (see :func:`_typed_like`)."""
+    that a key the YAML holds as a string stays a string (see :func:`_typed_like`). The value
+    ``__delete__`` removes the key (or the list entry; overrides apply in order), e.g.
+    ``--callbacks.1 __delete__`` drops a callback an upstream YAML lists."""
     raw_texts = getattr(overrides, "raw", {})
     for dotted, value in overrides.items():
         parts = dotted.split(".")
@@ -92,6 +147,15 @@ def apply_overrides(config: dict, overrides: dict[str, Any], source: str = "comm
                                   f"(there: {known})")
             node = child
         leaf = parts[-1]
+        if value == DELETE:
+            if isinstance(node, list) and leaf.lstrip("-").isdigit() and -len(node) <= int(leaf) < len(node):
+                del node[int(leaf)]
+            elif isinstance(node, dict) and leaf in node:
+                del node[leaf]
+            else:
+                raise ConfigError(f"{source}: override --{dotted} {DELETE}: there is no such key to delete")
+            logger.info("override --%s removes it from the config", dotted)
+            continue
         if isinstance(node, list):
             if _child(node, leaf) is None and not (leaf.lstrip("-").isdigit() and -len(node) <= int(leaf) < len(node)):
                 raise ConfigError(f"{source}: override --{dotted}: index {leaf} is out of range "
@@ -179,6 +243,10 @@ def build_config(args: argparse.Namespace, overrides: Optional[dict[str, Any]] =
         raise ConfigError(f"{path}: {exc}") from exc
     _apply_flags(raw, args)
     apply_overrides(raw, overrides or {}, source=path)
+    # upstream MindFormers' spellings (types, callbacks, moe_config); after the overrides, which may set moe_config
+    from mindformers_ext.upstream import translate_config  # pylint: disable=import-outside-toplevel
+
+    translate_config(raw, path)
     config = MindFormerConfig(**raw)
     config.config_path = path
     return config

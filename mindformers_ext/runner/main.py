@@ -62,13 +62,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import mindformers_ext  # noqa: F401  registers every research package's classes
     import mindformers_ext.runner  # noqa: F401  registers PortableTrainOneStepCell
     from mindformers.tools.logger import logger
-    from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config
+    from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config, check_types
     from mindformers_ext.runner.context import ensure_context
 
     if args.register_path:
         register_path(args.register_path)
     try:
         config = build_config(args, overrides)
+        check_types(config)
         target = adapt_to_device(config, explicit_target=args.device_target is not None)
     except ConfigError as exc:
         print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
@@ -129,13 +130,18 @@ def run_predict(config, args: argparse.Namespace) -> int:
     and write ``output_dir/predict_results.jsonl`` (rank 0 of a distributed job)."""
     # pylint: disable=import-outside-toplevel
     from mindformers.tools.utils import get_real_rank
-    from mindformers_ext.runner.predict import TextGenerator, read_prompts, write_jsonl
+    from mindformers.tools.logger import logger
+    from mindformers_ext.runner.predict import TextGenerator, printable, read_prompts, write_jsonl
 
     try:
         prompts = read_prompts(args.predict_data if args.predict_data is not None else config.get("input_data"))
     except (ValueError, OSError) as exc:
         print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
         return 2
+    results = os.path.join(config.get("output_dir") or "./output", "predict_results.jsonl")
+    if get_real_rank() == 0 and os.path.lexists(results):
+        os.remove(results)  # never leave an older run's results to be read as this run's
+        logger.info("removed the previous %s", results)
     generator = TextGenerator(config, batch_size=config.get("predict_batch_size") or 1,
                               random_weights=bool(getattr(args, "random_weights", False)), **predict_options(args))
     call_options = {}
@@ -143,18 +149,36 @@ def run_predict(config, args: argparse.Namespace) -> int:
         prompts, call_options = fim_requests(generator, prompts, args.fim_suffix.replace("\\n", "\n"),
                                              args.fim_family)
     if args.streamer:
-        completions = []
-        for prompt in prompts:  # one prompt at a time, each printed as it grows
-            print(prompt, end="", flush=True)
-            completions += generator.generate([prompt], streamer=print_streamer(generator.tokenizer), **call_options)
+        def streamed():
+            for prompt in prompts:  # one prompt at a time, each printed as it grows
+                print(printable(prompt), end="", flush=True)
+                yield from generator.complete([prompt], streamer=print_streamer(generator.tokenizer), **call_options)
+        completions = streamed()
     else:
-        completions = generator.generate(prompts, **call_options)
-    if args.fim_suffix is not None:
-        completions = [fim_middle(c, args.fim_family) for c in completions]
+        completions = generator.complete(prompts, **call_options)
+    failures = []
+
+    def reported(stream):
+        for completion in stream:
+            if completion.error:
+                failures.append(completion.error)
+                print(f"run_mindformer.py: error: {completion.error}", file=sys.stderr)
+            else:
+                if args.fim_suffix is not None:
+                    completion = fim_middle(completion, args.fim_family)
+                if get_real_rank() == 0:
+                    shown = completion.text if args.fim_suffix is not None else completion.prompt + completion.text
+                    print({"text_generation_text": [shown]})
+            yield completion
+
     if get_real_rank() == 0:
-        for completion in completions:
-            shown = completion.text if args.fim_suffix is not None else completion.prompt + completion.text
-            print({"text_generation_text": [shown]})
-        path = write_jsonl(completions, os.path.join(config.get("output_dir") or "./output", "predict_results.jsonl"))
+        path = write_jsonl(reported(completions), results)
         print(f"predictions written to {path}")
+    else:
+        for _ in reported(completions):
+            pass
+    if failures:
+        print(f"run_mindformer.py: error: {len(failures)} of {len(prompts)} prompts failed (their errors are in "
+              "the results file); the others completed", file=sys.stderr)
+        return 1
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from mindspore import nn
@@ -37,10 +37,32 @@ class Completion:
     text: str
     ids: list[int]
     prompt_ids: list[int] = field(default_factory=list)
+    error: Optional[str] = None  # why this prompt got no completion (the others still ran)
 
     def as_json(self) -> dict:
-        """The JSON-lines record (prompt, text, ids, prompt_ids)."""
-        return asdict(self)
+        """The JSON-lines record (prompt, text, ids, prompt_ids, and ``error`` for a failed prompt)."""
+        record = asdict(self)
+        if record["error"] is None:
+            del record["error"]
+        record["prompt"] = printable(record["prompt"])
+        return record
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogate escapes of non-UTF-8 input) shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def utf8_error(text: str) -> Optional[str]:
+    """Where ``text`` (from argv or a file, with surrogate escapes) is not valid UTF-8; None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start:exc.end].encode("utf-8", "surrogateescape")
+        line = text.count("\n", 0, exc.start) + 1
+        column = exc.start - (text.rfind("\n", 0, exc.start) + 1) + 1
+        return f"not valid UTF-8: byte 0x{raw[0]:02x} at line {line}, column {column}"
+    return None
 
 
 def read_prompts(predict_data: Union[str, Sequence[str], None]) -> list[str]:
@@ -48,13 +70,16 @@ def read_prompts(predict_data: Union[str, Sequence[str], None]) -> list[str]:
 
     A literal ``\\n`` in a prompt becomes a newline (so one-line prompts can hold code), as in
     MindFormers' ``run_mindformer.py``. Empty lines of a file are skipped.
+    A line (or argument) that is not valid UTF-8 is kept with surrogate escapes; :meth:`TextGenerator.
+    complete` reports it as that prompt's error (see :func:`utf8_error`).
     """
     if predict_data is None:
         raise ValueError("predict needs --predict_data (prompt strings or a file with one prompt per line)")
     items = [predict_data] if isinstance(predict_data, str) else list(predict_data)
     if len(items) == 1 and os.path.isfile(items[0]):
-        with open(items[0], encoding="utf-8") as f:
-            items = [line.rstrip("\r\n") for line in f]
+        # bytes, decoded line by line: one bad line must not lose the others
+        with open(items[0], "rb") as f:
+            items = [line.rstrip(b"\r\n").decode("utf-8", "surrogateescape") for line in f]
         items = [line for line in items if line.strip()]
         if not items:
             raise ValueError(f"{predict_data[0] if not isinstance(predict_data, str) else predict_data}: "
@@ -108,11 +133,32 @@ def cut_at_stop(text: str, stops: Optional[Sequence[str]]) -> tuple[str, bool]:
 
 
 def write_jsonl(completions: Iterable[Completion], path: str) -> str:
-    """Write one JSON object per completion to ``path`` (directories created); returns the path."""
+    """Write one JSON object per completion to ``path`` (directories created); returns the path.
+
+    Atomic: the lines go to ``path.tmp-<pid>`` (flushed one by one, so a lazy ``completions`` keeps
+    what it produced), which replaces ``path`` at the end, also when ``completions`` raises midway; a
+    run that writes nothing leaves no ``path`` (an older run's results are removed, never shown as
+    this run's).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for completion in completions:
-            f.write(json.dumps(completion.as_json(), ensure_ascii=False) + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    written = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            try:
+                for completion in completions:
+                    f.write(json.dumps(completion.as_json(), ensure_ascii=False) + "\n")
+                    f.flush()
+                    written += 1
+            finally:
+                f.close()
+                if written:
+                    os.replace(tmp, path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -176,25 +222,63 @@ class TextGenerator:
         return [int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]]
 
     def generate(self, prompts: Sequence[str], **gen_kwargs: Any) -> list[Completion]:
-        """Complete every prompt; ``gen_kwargs`` override the generator's defaults for this call."""
+        """Complete every prompt; ``gen_kwargs`` override the generator's defaults for this call.
+
+        A bad prompt (not UTF-8, longer than the model's context) raises ``ValueError``; see
+        :meth:`complete` to keep going past it."""
+        return list(self._run(prompts, False, gen_kwargs))
+
+    def complete(self, prompts: Sequence[str], **gen_kwargs: Any) -> Iterator[Completion]:
+        """Like :meth:`generate`, lazily and fault-tolerant: a prompt that fails (not UTF-8, too long for
+        the context, ...) yields a :class:`Completion` with ``error`` set, and the others still run."""
+        return self._run(prompts, True, gen_kwargs)
+
+    def _run(self, prompts: Sequence[str], keep_going: bool, gen_kwargs: dict) -> Iterator[Completion]:
         self._check_keys(gen_kwargs)
         options = {**self.gen_kwargs, **{k: v for k, v in gen_kwargs.items() if v is not None}}
         stops = options.pop("stop_strings", None)
         if isinstance(stops, str):
             stops = [stops]
         size = self.batch_size or max(1, len(prompts))
-        results: list[Completion] = []
         for start in range(0, len(prompts), size):
-            batch = list(prompts[start:start + size])
-            ids = [self.encode(p) for p in batch]
-            early_stop = {"stop_strings": stops, "tokenizer": self.tokenizer} if stops else {}
+            batch, ids, numbers, failed = [], [], [], {}
+            for number, prompt in enumerate(prompts[start:start + size], start + 1):
+                try:
+                    bad = utf8_error(prompt)
+                    if bad:
+                        raise ValueError(bad)
+                    ids.append(self.encode(prompt))
+                    batch.append(prompt)
+                    numbers.append(number)
+                except (ValueError, TypeError) as exc:
+                    if not keep_going:
+                        raise ValueError(f"prompt {number}: {exc}") from exc
+                    failed[number] = Completion(prompt, "", [], [], error=f"prompt {number}: {exc}")
+            done = self._forward(batch, ids, options, stops, keep_going, numbers) if batch else []
+            for number in range(start + 1, start + 1 + len(batch) + len(failed)):
+                yield failed[number] if number in failed else done.pop(0)
+
+    def _forward(self, batch: list[str], ids: list[list[int]], options: dict, stops, keep_going: bool,
+                 numbers: list[int]) -> list[Completion]:
+        early_stop = {"stop_strings": stops, "tokenizer": self.tokenizer} if stops else {}
+        try:
             output = self.pipeline.forward({"input_ids": ids}, return_dict_in_generate=True, **options,
                                            **early_stop)
-            sequences = output["sequences"] if isinstance(output, dict) else output.sequences
-            for prompt, prompt_ids, sequence in zip(batch, ids, sequences):
-                new = [int(t) for t in np.asarray(sequence).reshape(-1)[len(prompt_ids):]]
-                text, _ = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stops)
-                results.append(Completion(prompt, text, new, prompt_ids))
+        except ValueError as exc:  # e.g. prompt + max_new_tokens over the context
+            if not keep_going:
+                raise
+            if len(batch) > 1:  # find the prompt at fault: run them one by one
+                return [c for p, i, n in zip(batch, ids, numbers)
+                        for c in self._forward([p], [i], options, stops, keep_going, [n])]
+            number = numbers[0]
+            logger.error("prompt %d failed: %s", number, exc)
+            return [Completion(batch[0], "", [], ids[0], error=f"prompt {number}: {exc}")]
+        sequences = output["sequences"] if isinstance(output, dict) else output.sequences
+        results = []
+        for prompt, prompt_ids, sequence in zip(batch, ids, sequences):
+            new = [int(t) for t in np.asarray(sequence).reshape(-1)[len(prompt_ids):]]
+            text, _ = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stops)
+            results.append(Completion(prompt, text, new, prompt_ids))
         return results
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:

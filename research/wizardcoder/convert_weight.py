@@ -46,6 +46,7 @@ def main(argv=None) -> int:
                         help="accept arbitrary pickles (.pt / .pth, legacy torch files; read with "
                              "torch.load(weights_only=True)); pytorch_model.bin needs no flag")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     args = parser.parse_args(argv)
     src, dst = args.torch_path, args.mindspore_path
     config = args.config
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         if value:
             forwarded += [flag, value]
     forwarded += (["--reversed"] * args.reversed + ["--allow-pickle"] * args.allow_pickle
-                  + ["--no_progress"] * args.no_progress)
+                  + ["--no_progress"] * args.no_progress + ["--overwrite"] * args.overwrite)
     return convert_main(forwarded, prog="research/wizardcoder/convert_weight.py", default_name=SEED_CKPT_NAME)
 
 
