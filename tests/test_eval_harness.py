@@ -439,6 +439,20 @@ def _load_cli():
     return mod
 
 
+def _fake_yaml_context(monkeypatch, limit, encode=lambda text: text.split()):
+    """tools/eval_code.py reads the context limit and tokenizer of --config through
+    mindformers_ext.eval.budget.yaml_context: replace it (no YAML, no MindFormers)."""
+    from mindformers_ext.eval import budget
+
+    calls = []
+
+    def yaml_context(path):
+        calls.append(path)
+        return budget.YamlContext(limit, encode, path)
+    monkeypatch.setattr(budget, "yaml_context", yaml_context)
+    return calls
+
+
 def test_cli_with_fake_build_generator(humaneval, tmp_path, monkeypatch, capsys):
     canon = {p.prompt: p.record["canonical_solution"] for p in humaneval}
     seen = {}
@@ -448,6 +462,7 @@ def test_cli_with_fake_build_generator(humaneval, tmp_path, monkeypatch, capsys)
         return lambda prompts: [canon[p] for p in prompts]
     monkeypatch.setitem(sys.modules, "mindformers_ext.api",
                         types.SimpleNamespace(build_generator=build_generator))
+    _fake_yaml_context(monkeypatch, limit=None)
     cli = _load_cli()
     out = tmp_path / "he"
     summary = cli.main(["--task", "humaneval", "--config", "x.yaml", "--load_checkpoint", "c.ckpt",
@@ -484,3 +499,103 @@ def test_generator_adapter():
     assert fn(["a", "b"], 2) == [["A", "A"], ["B", "B"]]
     prob = Problem(task_id="t", prompt="", test="assert f() == 1")
     assert run_program(prob.program("def f():\n    return 1")).passed
+
+
+# ---------------------------------------------------------------- new tokens that fit the context
+
+def test_fit_max_new_tokens_caps_warns_and_refuses():
+    from mindformers_ext.eval.budget import ContextTooShort, fit_max_new_tokens
+
+    warned = []
+    b = fit_max_new_tokens(512, [100, 134, 90], 256, names=["a", "b", "c"], warn=warned.append)
+    assert (b.max_new_tokens, b.requested, b.longest, b.longest_name, b.capped) == (122, 512, 134, "b", True)
+    assert len(warned) == 1
+    for text in ("--max_new_tokens 512", "134 tokens", "256 positions", "at most 122", "(b)"):
+        assert text in warned[0], (text, warned[0])
+    # fits, or no fixed limit: unchanged and silent
+    assert fit_max_new_tokens(122, [134], 256, warn=warned.append).max_new_tokens == 122
+    assert fit_max_new_tokens(10 ** 6, [134], None, warn=warned.append).max_new_tokens == 10 ** 6
+    assert len(warned) == 1
+    with pytest.warns(UserWarning, match="at most 1 new tokens"):
+        assert fit_max_new_tokens(8, [255], 256).max_new_tokens == 1
+    with pytest.raises(ContextTooShort, match=r"\(HumanEval/7\) has 256 tokens .* context of 256"):
+        fit_max_new_tokens(8, [3, 256], 256, names=["HumanEval/1", "HumanEval/7"])
+    with pytest.raises(ValueError, match="at least 1"):
+        fit_max_new_tokens(0, [3], 256)
+
+
+def test_context_limit_follows_generate():
+    from types import SimpleNamespace as NS
+
+    from mindformers_ext.eval.budget import context_limit
+    from research.deepseek1_5 import DeepSeekCoderConfig
+    # what generate() checks: the config's context_length() (dynamic NTK extends the table)
+    assert context_limit(NS(context_length=lambda: 1000, max_position_embedding=256)) == 1000
+    cfg = DeepSeekCoderConfig(seq_length=64, max_position_embedding=256, extend_method="DYNAMIC_NTK",
+                              scaling_factor=2.0)
+    assert context_limit(cfg) == cfg.context_length() == 512
+    assert context_limit(NS(max_position_embedding=256, seq_length=128)) == 256
+    assert context_limit(NS(seq_length=128)) == 128
+    assert context_limit(NS()) is None
+
+
+def _write_humaneval(path, prompts):
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, prompt in enumerate(prompts):
+            fh.write(json.dumps({"task_id": f"T/{i}", "prompt": prompt, "entry_point": "f",
+                                 "canonical_solution": "    return 1\n",
+                                 "test": "def check(candidate):\n    assert candidate() == 1\n"}) + "\n")
+    return str(path)
+
+
+LONG_PROMPT = 'def f():\n    """' + "x " * 30 + '"""\n'  # 33 "tokens" (words)
+
+
+def test_cli_caps_max_new_tokens_to_the_context(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def build_generator(config_path, load_checkpoint, **gen_kwargs):
+        seen.update(gen_kwargs)
+        return lambda prompts: ["    return 1\n" for _ in prompts]
+    monkeypatch.setitem(sys.modules, "mindformers_ext.api",
+                        types.SimpleNamespace(build_generator=build_generator))
+    calls = _fake_yaml_context(monkeypatch, limit=40)  # a "token" is a word here
+    data = _write_humaneval(tmp_path / "he.jsonl", ["def f():\n", LONG_PROMPT])
+    cli = _load_cli()
+    out = tmp_path / "out"
+    summary = cli.main(["--task", "humaneval", "--humaneval_path", data, "--config", "tiny.yaml",
+                        "--output", str(out), "--workers", "1", "--no_progress", "--random_weights"])
+    assert calls == ["tiny.yaml"]
+    assert summary["pass@1"] == 1.0, summary
+    assert seen["max_new_tokens"] == 40 - 33 and seen["random_weights"] is True
+    err = capsys.readouterr().err
+    assert "--max_new_tokens 512 does not fit" in err and "(T/1) has 33 tokens" in err and "40 positions" in err
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["max_new_tokens"] == 7 and cfg["max_new_tokens_requested"] == 512
+
+
+def test_cli_refuses_before_loading_when_no_token_fits(tmp_path, monkeypatch):
+    def build_generator(*args, **kwargs):
+        raise AssertionError("the model must not be built")
+    monkeypatch.setitem(sys.modules, "mindformers_ext.api",
+                        types.SimpleNamespace(build_generator=build_generator))
+    _fake_yaml_context(monkeypatch, limit=10)
+    data = _write_humaneval(tmp_path / "he.jsonl", ["def f():\n", LONG_PROMPT])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"\(T/1\) has 33 tokens .* context of 10 positions.*--limit"):
+        _load_cli().main(["--task", "humaneval", "--humaneval_path", data, "--config", "tiny.yaml",
+                          "--output", str(out), "--no_progress"])
+    assert not (out / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize("config, limit", [
+    ("configs/deepseek1_5/predict_tiny.yaml", 256), ("configs/deepseek2/predict_tiny.yaml", 256),
+    ("configs/wizardcoder/predict_tiny.yaml", 256),
+    ("configs/deepseek1_5/predict_demo.yaml", 256),  # linear RoPE scaling (PI): max_position_embedding
+])
+def test_yaml_context_reads_limit_and_tokenizer_without_a_model(config, limit):
+    from mindformers_ext.eval.budget import yaml_context
+    ctx = yaml_context(os.path.join(_REPO, config))
+    assert ctx.limit == limit
+    ids = ctx.encode("def add(a, b):\n    return a + b\n")
+    assert 5 < len(ids) < 40 and all(isinstance(i, int) for i in ids)

@@ -12,7 +12,10 @@ empty environment, CPU / memory / process / file-size limits, wall-time kill of 
 sandbox; see mindformers_ext/eval/execution.py). Without a working ``bwrap`` the tool refuses to
 run unless ``--unsafe_no_sandbox`` is given. Results: DIR/results.jsonl (per problem),
 DIR/summary.json (pass@k, also printed). ``--evaluate_only`` scores the samples already in DIR
-without loading a model.
+without loading a model. ``--max_new_tokens`` is capped, with a warning, to what the model's
+context (what ``generate`` checks: the YAML's max_position_embedding, extended by dynamic NTK)
+leaves for the longest prompt; when even one token
+does not fit, the tool stops before loading the model.
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output directory (resumable)")
     p.add_argument("--config", help="model YAML (predict config)")
     p.add_argument("--load_checkpoint", default=None, help="checkpoint file or directory")
+    p.add_argument("--random_weights", action="store_true",
+                   help="generate with randomly initialised weights when the config names no "
+                        "checkpoint (a smoke test of the pipeline; scores are meaningless)")
     p.add_argument("--n_samples", type=int, default=1, help="completions per problem")
     p.add_argument("--prompt_style", choices=["completion", "wizardcoder", "deepseek_instruct"],
                    default=None, help="default: completion (humaneval), wizardcoder (mbpp)")
@@ -49,7 +55,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.2, help="0 means greedy")
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=512,
+                   help="new tokens per sample; capped (with a warning) to what the model's context "
+                        "leaves for the longest prompt")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=1, help="problems per generate call")
     p.add_argument("--samples_per_call", type=int, default=None,
@@ -70,7 +78,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _build_generate_fn(args: argparse.Namespace, stops: List[str]):
+def _fit_max_new_tokens(args: argparse.Namespace, problems, prompts: List[str]) -> int:
+    """--max_new_tokens capped to what the config's model context leaves for the longest prompt
+    (warning), from the YAML alone (no model, no weights); SystemExit when nothing fits."""
+    from mindformers_ext.eval.budget import ContextTooShort, fit_max_new_tokens, yaml_context
+
+    ctx = yaml_context(args.config)
+    if ctx.limit is None:
+        return args.max_new_tokens
+    lengths = [len(ctx.encode(p)) for p in prompts]
+    try:
+        budget = fit_max_new_tokens(
+            args.max_new_tokens, lengths, ctx.limit, names=[str(p.task_id) for p in problems],
+            where=f"the model of {args.config}",
+            warn=lambda text: print(f"tools/eval_code.py: warning: {text}", file=sys.stderr, flush=True))
+    except (ContextTooShort, ValueError) as err:
+        raise SystemExit(f"tools/eval_code.py: {err}") from None
+    return budget.max_new_tokens
+
+
+def _import_build_generator():
     try:
         from mindformers_ext.api import build_generator
     except ImportError as err:
@@ -80,6 +107,10 @@ def _build_generate_fn(args: argparse.Namespace, stops: List[str]):
                              "available in this installation, so no model can be loaded; "
                              "use --evaluate_only to score existing samples") from err
         raise
+    return build_generator
+
+
+def _build_generate_fn(args: argparse.Namespace, stops: List[str], build_generator):
     from mindformers_ext.eval import generator_to_generate_fn
     do_sample = args.temperature > 0
     if not do_sample and args.n_samples > 1:
@@ -87,6 +118,8 @@ def _build_generate_fn(args: argparse.Namespace, stops: List[str]):
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                       temperature=args.temperature if do_sample else 1.0, top_p=args.top_p,
                       top_k=args.top_k, stop_strings=stops, seed=args.seed)
+    if args.random_weights:  # only when asked: older build_generator versions do not take it
+        gen_kwargs["random_weights"] = True
     generator = build_generator(args.config, args.load_checkpoint, **gen_kwargs)
     return generator_to_generate_fn(generator)
 
@@ -124,8 +157,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.limit is not None:
         problems = problems[:args.limit]
     generate_fn = None
+    requested = args.max_new_tokens
     if not args.evaluate_only:
-        generate_fn = _build_generate_fn(args, stop_strings(args.task, style))
+        from mindformers_ext.eval import build_prompt
+        build_generator = _import_build_generator()
+        args.max_new_tokens = _fit_max_new_tokens(
+            args, problems, [build_prompt(p, args.task, style, fewshot) for p in problems])
+        generate_fn = _build_generate_fn(args, stop_strings(args.task, style), build_generator)
     summary = run_eval(
         args.task, problems, args.output, generate_fn, n_samples=args.n_samples,
         prompt_style=style, fewshot=fewshot, timeout=args.timeout,
@@ -135,7 +173,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         run_config=None if args.evaluate_only else {
             "config": args.config, "load_checkpoint": args.load_checkpoint,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "max_new_tokens": args.max_new_tokens, "seed": args.seed})
+            "max_new_tokens": args.max_new_tokens, "max_new_tokens_requested": requested,
+            "seed": args.seed, "random_weights": args.random_weights})
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
