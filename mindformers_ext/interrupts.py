@@ -3,6 +3,7 @@ files of a conversion or a preprocessing run) happens before the process ends.""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -47,3 +48,16 @@ def raise_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the owner of a temporary output, say)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

@@ -572,6 +572,13 @@ def test_cli_end_to_end(hf, tmp_path):
     src = _load_hf_dir(hf["sharded"])
     out = _load_hf_dir(back)
     assert all(np.array_equal(out[k], bf16_to_f32(f32_to_bf16(v))) for k, v in src.items())
+    # upstream v1.5.0's spelling of the same script converts too; a foreign --model is refused
+    upstream_form = str(tmp_path / "up.ckpt")
+    assert seed_cli["main"](["--model", "deepseek1_5", "--input_path", hf["sharded"], "--output_path",
+                             upstream_form]) == 0
+    assert os.path.getsize(upstream_form) > 0
+    with pytest.raises(SystemExit):
+        seed_cli["main"](["--model", "wizardcoder", "--input_path", hf["sharded"], "--output_path", ckpt + "2"])
 
 
 _RSS_SCRIPT = r"""

@@ -72,6 +72,15 @@ def test_argument_forms_and_defaults(fake_msrun, tmp_path):
         "--log_dir=log", "--join=True", "--cluster_time_out=3000", *tail]
 
 
+def test_upstream_spelling_runs_our_run_mindformer(fake_msrun, tmp_path):
+    """Upstream's `bash scripts/msrun_launcher.sh "run_mindformer.py ..." 2` from the repository root."""
+    shim = os.path.join(REPO, "scripts", "msrun_launcher.sh")
+    run = subprocess.run(["bash", shim, "run_mindformer.py --config x.yaml", "2"], env=fake_msrun, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert "this project's is tools/run_mindformer.py" in run.stdout
+    assert _args(run, tmp_path)[-3:] == [os.path.join(REPO, "tools", "run_mindformer.py"), "--config", "x.yaml"]
+
+
 def test_wrong_arguments_and_missing_msrun(fake_msrun, tmp_path):
     bad = _launch("x.py", "2", "3", env=fake_msrun)
     assert bad.returncode == 1 and "expected 1, 2, 6 or 9 arguments, got 3" in bad.stderr and "Usage" in bad.stderr

@@ -42,6 +42,15 @@ fi
 
 COMMAND=$1
 [ -n "$COMMAND" ] || fail "the command (first argument) is empty"
+# Upstream MindFormers' pages run its root-level run_mindformer.py; this project's lives in tools/.
+SCRIPT=${COMMAND%% *}
+if [[ $SCRIPT == *.py && $SCRIPT != */* && ! -f $SCRIPT ]]; then
+  TOOLS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  if [ -f "$TOOLS_DIR/$(basename "$SCRIPT")" ]; then
+    echo "msrun_launcher.sh: no $SCRIPT here; this project's is tools/$(basename "$SCRIPT"): running that"
+    COMMAND="$TOOLS_DIR/$(basename "$SCRIPT")${COMMAND#"$SCRIPT"}"
+  fi
+fi
 
 WORKER_NUM=8
 LOCAL_WORKER=8

@@ -94,18 +94,35 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
     """The DeepSeek seeds' ``convert_weight.py --torch_ckpt_path --mindspore_ckpt_path`` CLI, forwarded to
     :func:`main` with ``--model model`` (``--reversed`` swaps which path is read)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--torch_ckpt_path", required=True, help="HF model directory (input; output with --reversed)")
+    parser.add_argument("--torch_ckpt_path", help="HF model directory (input; output with --reversed)")
     parser.add_argument("--mindspore_ckpt_path", default=SEED_CKPT_NAME,
                         help=f"MindSpore .ckpt (output; input with --reversed); a directory gets {SEED_CKPT_NAME} in it")
+    # upstream v1.5.0's spelling of the same script: --model deepseek1_5 --input_path IN --output_path OUT
+    parser.add_argument("--input_path", help="what is read (the HF directory; the .ckpt with --reversed)")
+    parser.add_argument("--output_path", help="what is written")
+    parser.add_argument("--model", help=f"accepted for upstream's command line; must name this script's family "
+                                        f"({model})")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
     parser.add_argument("--reversed", action="store_true", help="MindSpore checkpoint -> HF safetensors")
     parser.add_argument("--config", default=None, help="HF config.json or our YAML")
     parser.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     args = parser.parse_args(argv)
-    src, dst = args.torch_ckpt_path, args.mindspore_ckpt_path
-    forwarded = ["--model", model, "--input_path", dst if args.reversed else src,
-                 "--output_path", src if args.reversed else dst]
+    aliases = {"deepseek": ("deepseek", "deepseek1_5", "deepseek_coder", "llama"), "deepseek2": ("deepseek2",)}
+    if args.model and args.model not in aliases.get(model, (model,)):
+        parser.error(f"--model {args.model}: this script converts {model} checkpoints; for other models use "
+                     f"tools/convert_weight.py --model MODEL")
+    if args.input_path or args.output_path:
+        if not (args.input_path and args.output_path) or args.torch_ckpt_path:
+            parser.error("give --input_path and --output_path together (upstream's form), or --torch_ckpt_path "
+                         "and --mindspore_ckpt_path (the seed's), not a mix")
+        forwarded = ["--model", model, "--input_path", args.input_path, "--output_path", args.output_path]
+    elif args.torch_ckpt_path:
+        src, dst = args.torch_ckpt_path, args.mindspore_ckpt_path
+        forwarded = ["--model", model, "--input_path", dst if args.reversed else src,
+                     "--output_path", src if args.reversed else dst]
+    else:
+        parser.error("the following arguments are required: --torch_ckpt_path (or --input_path and --output_path)")
     for flag, value in (("--dtype", args.dtype), ("--config", args.config)):
         if value:
             forwarded += [flag, value]

@@ -25,6 +25,7 @@ from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.safetensors_io import (INDEX_NAME, SafetensorsWriter, check_array, parse_size,
                                                     plan_shards, shard_names)
 from mindformers_ext.convert.tensors import TensorInfo
+from mindformers_ext.interrupts import pid_alive
 
 
 _TEMP_RE = re.compile(r"\.tmp-(?:(?P<pid>\d+)-)?[0-9A-Za-z_]{6,16}")
@@ -35,18 +36,6 @@ def temp_prefix(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def stale_temps(path: str) -> list[str]:
     """Temporary outputs of ``path`` left by conversions that died (their process no longer runs)."""
     found = []
@@ -55,7 +44,7 @@ def stale_temps(path: str) -> list[str]:
         if not match:
             continue
         pid = match.group("pid")
-        if pid is None or not _pid_alive(int(pid)):
+        if pid is None or not pid_alive(int(pid)):
             found.append(candidate)
     return sorted(found)
 

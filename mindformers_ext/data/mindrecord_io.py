@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from mindformers_ext.interrupts import raise_on_signals
+from mindformers_ext.interrupts import pid_alive, raise_on_signals
 
 __all__ = ["SFT_SCHEMA", "output_files", "AtomicMindRecordWriter"]
 
@@ -35,18 +35,6 @@ def output_files(output_file: str, shard_num: int = 1) -> List[str]:
 _TEMP_DIR_RE = re.compile(r"(?:(?P<pid>\d+)-)?[0-9a-z_]{8}\.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_temp_dirs(output_file: str) -> List[str]:
     """Temporary directories of ``output_file`` left by runs whose process is gone."""
     parent, name = os.path.split(os.path.abspath(output_file))
@@ -54,7 +42,7 @@ def stale_temp_dirs(output_file: str) -> List[str]:
     found = []
     for path in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*.tmp")):
         match = _TEMP_DIR_RE.fullmatch(os.path.basename(path)[len(prefix):])
-        if match and os.path.isdir(path) and (match.group("pid") is None or not _pid_alive(int(match.group("pid")))):
+        if match and os.path.isdir(path) and (match.group("pid") is None or not pid_alive(int(match.group("pid")))):
             found.append(path)
     return sorted(found)
 
