@@ -121,6 +121,7 @@ def test_model_classes_load_checkpoint_name_or_path(wizard_ckpt, tmp_path):
     assert "model.layers.2.attention_norm.weight" in message
 
 
+@pytest.mark.slow  # full runs in subprocesses (about 20 s)
 def test_pipeline_with_a_named_checkpoint_is_reproducible(wizard_ckpt):
     """The seed's pipeline snippet: two models built from the same checkpoint_name_or_path generate the
     same text as the model that wrote it (before: each build had its own random weights)."""
@@ -146,6 +147,7 @@ def _subprocess(*argv, cwd, timeout=300):
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.slow  # three predict subprocesses (about 30 s)
 def test_predict_needs_a_checkpoint_or_random_weights(tmp_path):
     """run_mindformer.py predict with no checkpoint anywhere: exit 2 naming the ways out; with
     --random_weights it runs and warns (before: random gibberish, exit 0, one log line)."""
@@ -336,6 +338,7 @@ def test_tiny_deepseek_configs_hold_their_own_preprocessed_records(path, tmp_pat
     check_record_lengths(config)
 
 
+@pytest.mark.slow  # full runs in subprocesses (about 20 s)
 def test_tiny_deepseek_finetunes_on_its_preprocessed_records(tmp_path):
     data = _preprocess_alpaca(tmp_path, MindFormerConfig(FINETUNE_TINY).model.model_config.seq_length)
     code, out, err = _subprocess(RUN, "--config", FINETUNE_TINY, "--run_mode", "finetune", "--train_data", data,

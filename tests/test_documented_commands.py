@@ -17,8 +17,9 @@ ending with that comment) is reported as skipped with its reason; a marker witho
 an error (:func:`test_every_not_run_marker_has_a_reason`). Long-running commands have a smaller
 variant in the document, and the full one carries the marker.
 
-Tiers: the default tier (:data:`DEFAULT`) runs each tool once; every other runnable command (msrun,
-finetuning, benchmarks, more conversions and predictions) is marked slow and runs with ``-m slow``.
+Tiers: the default tier (:data:`DEFAULT`) runs the conversion, preprocessing and checking tools once;
+every other runnable command (predict, export, eval, msrun, finetuning, benchmarks, more conversions)
+is marked slow and runs with ``-m slow``.
 The default tier only uses outputs of earlier default-tier commands; a slow command first runs the
 earlier commands of its document that have not run yet (so ``-m slow`` alone works). Commands that
 fail because of a file another work package owns are in :data:`XFAIL` (strict: they fail the test
@@ -204,21 +205,18 @@ def all_commands() -> list[Command]:
 # The default tier: (document, text the command contains). Each tool runs once, with what it needs
 # from earlier commands of its document; every other runnable command is slow (-m slow): a
 # MindSpore process costs 10-40 s here (importing MindFormers alone takes 5-20 s on 2 cores).
+# predict, export and eval run in the slow tier: the default suite covers them through the same
+# entry points (test_demo_model, test_*_run, test_wizardcoder_export, test_eval_harness)
 DEFAULT = [
-    ("README.md", "predict_demo.yaml --run_mode predict \\\n    --predict_data \"def __init__"),
     ("README.md", "--input_path HF_DIR --output_path ds.ckpt"),
     ("README.md", "--reversed --input_path ds.ckpt"),
     ("README.md", "deepseek_preprocess_1_5.py --dataset_type qa --input_glob 'data/*.json'"),
-    ("README.md", "eval_code.py --task humaneval --config configs/deepseek1_5/predict_tiny.yaml"),
     ("research/deepseek1_5/README.md", "--model_file HF_DIR/tokenizer.json"),
     ("research/deepseek2/README.md", "mkdir -p ckpt"),
     ("research/deepseek2/README.md", "--model deepseek2 --input_path DeepSeek-V2-Lite-Chat"),
     ("research/deepseek2/README.md", "check_parallel.py"),
-    ("research/deepseek2/README.md", "--config configs/deepseek2/predict_tiny.yaml \\\n    --load_checkpoint"),
     ("research/wizardcoder/README.md", "^mkdir -p ckpt$"),
     ("research/wizardcoder/README.md", "--mindspore_path ckpt/wizardcoder_tiny.ckpt"),
-    ("research/wizardcoder/README.md", "predict_tiny.yaml \\\n    --run_mode predict --use_parallel False"),
-    ("research/wizardcoder/README.md", "--load_checkpoint ckpt/wizardcoder_tiny.ckpt --output_dir"),
     ("research/wizardcoder/README.md", "mkdir -p ckpt/rank_0"),
     ("research/wizardcoder/README.md", "--torch_path ./ckpt/pytorch_model.bin"),
 ]

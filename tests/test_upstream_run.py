@@ -10,11 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from upstream_util import (HOOKED_RUN, deepseek2_upstream_tensors, llama_upstream_tensors, runner_has_upstream_hooks,
                            save_ms_checkpoint)
 from wizardcoder_util import REPO
+
+pytestmark = pytest.mark.slow  # two end-to-end predicts through tools/run_mindformer.py (about 30 s)
 
 DATA = os.path.join(REPO, "tests", "data", "upstream")
 PROMPT = "def quick_sort(arr):"
