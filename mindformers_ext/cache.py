@@ -119,6 +119,21 @@ class CachedTensor(nn.Cell):
         return (values, scales), ops.cast(ops.cast(values, ms.float32) * scales, new.dtype)
 
 
+class CachedKV(nn.Cell):
+    """A layer's keys and values (two :class:`CachedTensor`): ``(updated entries, all keys, all values)``."""
+
+    def __init__(self, int8: bool = False) -> None:
+        super().__init__()
+        self.keys = CachedTensor(int8)
+        self.values = CachedTensor(int8)
+
+    def construct(self, cache, k, v, slot):
+        n = self.keys.size
+        k_entries, k_all = self.keys(cache[:n], k, slot)
+        v_entries, v_all = self.values(cache[n:], v, slot)
+        return k_entries + v_entries, k_all, v_all
+
+
 def padded_causal_mask(valid: np.ndarray) -> np.ndarray:
     """Additive (B, 1, S, S) float32 mask for a left-padded batch: causal, and padding never attended."""
     seq = valid.shape[1]

@@ -6,7 +6,7 @@ import math
 
 from mindspore import ops
 
-from mindformers_ext.cache import CachedTensor
+from mindformers_ext.cache import CachedKV
 from mindformers_ext.layers.attention import GroupedAttentionCore
 from mindformers_ext.layers.linear import Linear
 from mindformers_ext.layers.rotary import ApplyRotary
@@ -31,8 +31,7 @@ class CausalSelfAttention(ShardedCell):
         self.rotary_k = ApplyRotary(kv_heads, head_dim)
         self.core = GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
                                          softmax_compute_type)
-        self.cache_k = CachedTensor(kv_cache_int8)
-        self.cache_v = CachedTensor(kv_cache_int8)
+        self.kv_cache = CachedKV(kv_cache_int8)
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -64,9 +63,7 @@ class CausalSelfAttention(ShardedCell):
         q, k, v = self._project(x, cos, sin)
         if cache is None:
             return self.wo(self.core(q, k, v, mask)), ()
-        n = self.cache_k.size
-        k_entries, k_all = self.cache_k(cache[:n], k, slot)
-        v_entries, v_all = self.cache_v(cache[n:], v, slot)
+        entries, k_all, v_all = self.kv_cache(cache, k, v, slot)
         if decode:
             k, v = k_all, v_all
-        return self.wo(self.core(q, k, v, mask)), k_entries + v_entries
+        return self.wo(self.core(q, k, v, mask)), entries

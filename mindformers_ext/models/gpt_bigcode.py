@@ -23,7 +23,7 @@ from mindspore import ops
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.cache import CacheSpec, CachedTensor
+from mindformers_ext.cache import CacheSpec, CachedKV
 from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
@@ -73,8 +73,7 @@ class GPTBigCodeAttention(ShardedCell):
         scale = self.head_dim ** -0.5 if scale_attn_weights else 1.0
         self.core = GPTBigCodeAttentionCore(heads, self.kv_heads, self.head_dim, self.head_dim, scale,
                                             softmax_compute_type)
-        self.cache_k = CachedTensor(kv_cache_int8)
-        self.cache_v = CachedTensor(kv_cache_int8)
+        self.kv_cache = CachedKV(kv_cache_int8)
         self.reshape = ops.Reshape()
         self.transpose_k = ops.Transpose()
         self.transpose_v = ops.Transpose()
@@ -111,12 +110,10 @@ class GPTBigCodeAttention(ShardedCell):
         q, k, v = self._project(x)
         if cache is None:
             return self.c_proj(self.core(q, k, v, mask)), ()
-        n = self.cache_k.size
-        k_entries, k_all = self.cache_k(cache[:n], k, slot)
-        v_entries, v_all = self.cache_v(cache[n:], v, slot)
+        entries, k_all, v_all = self.kv_cache(cache, k, v, slot)
         if decode:
             k, v = k_all, v_all
-        return self.c_proj(self.core(q, k, v, mask)), k_entries + v_entries
+        return self.c_proj(self.core(q, k, v, mask)), entries
 
 
 class GPTBigCodeDecoderLayer(ShardedCell):
