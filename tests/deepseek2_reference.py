@@ -51,14 +51,12 @@ def hf_config_dict(variant: str) -> dict:
     return cfg
 
 
-def make_tiny_deepseek2(path: str, variant: str, seed: int = 0, sharp: bool = True) -> dict:
+def make_tiny_deepseek2(path: str, variant: str, seed: int = 0) -> dict:
     """Save a tiny random DeepSeek-V2 checkpoint (model.safetensors + config.json) under ``path``.
 
-    Returns its state dict (torch tensors). The weights come from HF's DeepseekV2ForCausalLM.
-    ``sharp`` (default) re-initialises it with :func:`sharp_models.sharpen` (peaked attention, unit
-    scale activations, decisive routers); otherwise HF's init with norm weights perturbed (a swapped
-    norm would show) and router weights N(0, 1) so that expert choices are decisive rather than
-    near-ties between float rounding orders. Layers that ``moe_layer_freq`` makes dense in
+    Returns its state dict (torch tensors). The weights come from HF's DeepseekV2ForCausalLM,
+    re-initialised by :func:`sharp_models.sharpen` (peaked attention, unit scale activations,
+    decisive routers, norm weights away from 1). Layers that ``moe_layer_freq`` makes dense in
     DeepSeek's own code (HF ignores it) get a dense MLP.
     """
     import os
@@ -71,17 +69,9 @@ def make_tiny_deepseek2(path: str, variant: str, seed: int = 0, sharp: bool = Tr
     cfg = hf_config_dict(variant)
     config = transformers.DeepseekV2Config(**cfg)
     model = transformers.DeepseekV2ForCausalLM(config).eval()
-    if sharp:
-        from sharp_models import sharpen
+    from sharp_models import sharpen
 
-        sharpen(model)
-    else:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn_like(p) * 0.1)
-                if name.endswith("mlp.gate.weight"):
-                    p.normal_(0.0, 1.0)
+    sharpen(model)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     for i in range(cfg["num_hidden_layers"]):
@@ -91,7 +81,7 @@ def make_tiny_deepseek2(path: str, variant: str, seed: int = 0, sharp: bool = Tr
                 del state[key]
             for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
                                 ("down_proj", (hidden, inter))):
-                state[f"{prefix}{name}.weight"] = torch.randn(shape) * (shape[1] ** -0.5 if sharp else 0.02)
+                state[f"{prefix}{name}.weight"] = torch.randn(shape) * shape[1] ** -0.5
     os.makedirs(path, exist_ok=True)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(path)

@@ -7,13 +7,10 @@ TINY = dict(vocab_size=160, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positi
 
 
 def make_tiny_bigcode(path: str, seed: int = 0, multi_query: bool = True, activation_function: str = "gelu",
-                      sharp: bool = True, **overrides) -> str:
-    """Save a tiny random HF GPTBigCodeForCausalLM (safetensors + config.json) under ``path``.
-
-    ``sharp`` (default) re-initialises it with :func:`sharp_models.sharpen` (peaked attention, unit
-    scale activations, LayerNorm weights and biases away from 1 / 0); otherwise HF's init with
-    LayerNorm weights and every bias perturbed, so a swapped or dropped one shows in the logits.
-    """
+                      **overrides) -> str:
+    """Save a tiny random HF GPTBigCodeForCausalLM (safetensors + config.json) under ``path``,
+    re-initialised by :func:`sharp_models.sharpen` (peaked attention, unit scale activations,
+    LayerNorm weights and biases away from 1 / 0, so a swapped or dropped one shows in the logits)."""
     import torch
     import transformers
 
@@ -23,12 +20,6 @@ def make_tiny_bigcode(path: str, seed: int = 0, multi_query: bool = True, activa
     kwargs = dict(TINY, multi_query=multi_query, activation_function=activation_function)
     kwargs.update(overrides)
     model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(**kwargs)).eval()
-    if sharp:
-        sharpen(model)
-    else:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "ln_" in name or name.endswith("bias"):
-                    p.add_(torch.randn_like(p) * 0.1)
+    sharpen(model)
     model.save_pretrained(path, safe_serialization=True)
     return path
