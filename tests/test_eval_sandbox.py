@@ -492,13 +492,22 @@ def test_environment_inside_is_empty(monkeypatch):
 
 
 def test_only_interpreter_files_are_visible():
+    # A virtualenv inside the project (CI's .ci-venv, a user's .venv) is bound read-only because the
+    # interpreter lives there, so the project directory itself exists inside; nothing else of it may.
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix)}
+    repo = os.path.realpath(_REPO)
+    allowed = {os.path.relpath(p, repo).split(os.sep)[0] for p in prefixes if p.startswith(repo + os.sep)}
     prog = ("import os\n"
-            "raise RuntimeError(repr((sorted(os.listdir('/')), os.path.exists(%r), "
+            "repo = %r\n"
+            "listing = sorted(os.listdir(repo)) if os.path.isdir(repo) else []\n"
+            "raise RuntimeError(repr((sorted(os.listdir('/')), listing, "
+            "os.path.exists(os.path.join(repo, 'README.md')), "
             "os.path.exists('/sys'), os.path.exists('/run'), sorted(os.listdir('/tmp')))))"
             % _REPO)
     res = run_program(prog)
-    top, repo, sys_, run, tmp = eval(res.error.split("RuntimeError: ", 1)[1])
-    assert not repo and not sys_ and not run and tmp == []
+    top, listing, readme, sys_, run, tmp = eval(res.error.split("RuntimeError: ", 1)[1])
+    assert set(listing) <= allowed and not readme, (listing, allowed)
+    assert not sys_ and not run and tmp == []
     assert set(top) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin",
                         "sandbox", "tmp", "usr", "root", "home", "opt", "work", "srv", "var",
                         "mnt"}, top
