@@ -75,6 +75,10 @@ class CacheWriter(nn.Cell):
 
     cache (B, H, T, D), new (B, H, S, D), slot (B,) int32. Functional (returns the updated cache),
     so one compiled graph serves every batch size, prompt length and capacity.
+
+    Paged (:class:`PagedKVCache`): ``slot`` is the pair ``(positions (B, S), table (B, L))`` and
+    ``cache`` the block pool (1, H, blocks * block_size, D); token j of row b goes to pool position
+    ``positions[b, j]``.
     """
 
     def __init__(self) -> None:
@@ -84,11 +88,23 @@ class CacheWriter(nn.Cell):
     def construct(self, cache, new, slot):
         bs, heads, seq, _ = new.shape
         shape = (bs, heads, seq, 1)
-        rows = ops.broadcast_to(ops.reshape(ops.arange(bs, dtype=ms.int32), (-1, 1, 1, 1)), shape)
         head = ops.broadcast_to(ops.reshape(ops.arange(heads, dtype=ms.int32), (1, -1, 1, 1)), shape)
-        tokens = ops.reshape(slot, (-1, 1, 1, 1)) + ops.reshape(ops.arange(seq, dtype=ms.int32), (1, 1, -1, 1))
+        if isinstance(slot, tuple):
+            rows = ops.zeros(shape, ms.int32)
+            tokens = ops.reshape(slot[0], (bs, 1, seq, 1))
+        else:
+            rows = ops.broadcast_to(ops.reshape(ops.arange(bs, dtype=ms.int32), (-1, 1, 1, 1)), shape)
+            tokens = ops.reshape(slot, (-1, 1, 1, 1)) + ops.reshape(ops.arange(seq, dtype=ms.int32), (1, 1, -1, 1))
         index = ops.concat((rows, head, ops.broadcast_to(tokens, shape)), -1)
         return self.update(cache, index, ops.cast(new, cache.dtype))
+
+
+def read_cache(cache, slot):
+    """The cache a decode step attends over: ``cache`` itself, or for a paged pool each row's tokens
+    gathered through its table (``slot[1]`` (B, L) pool positions) into (B, H, L, D)."""
+    if isinstance(slot, tuple):
+        return ops.transpose(ops.gather(cache[0], slot[1], 1), (1, 0, 2, 3))
+    return cache
 
 
 class CachedTensor(nn.Cell):
@@ -110,13 +126,14 @@ class CachedTensor(nn.Cell):
     def construct(self, entries, new, slot):
         if not self.int8:
             cache = self.write_values(entries[0], new, slot)
-            return (cache,), ops.cast(cache, new.dtype)
+            return (cache,), ops.cast(read_cache(cache, slot), new.dtype)
         x = ops.cast(new, ms.float32)
         scale = ops.abs(x).max(axis=-1, keepdims=True) / 127.0
         scale = ops.select(scale > 0, scale, ops.ones_like(scale))
         values = self.write_values(entries[0], ops.cast(ops.round(x / scale), ms.int8), slot)
         scales = self.write_scales(entries[1], scale, slot)
-        return (values, scales), ops.cast(ops.cast(values, ms.float32) * scales, new.dtype)
+        full = ops.cast(read_cache(values, slot), ms.float32) * read_cache(scales, slot)
+        return (values, scales), ops.cast(full, new.dtype)
 
 
 class CachedKV(nn.Cell):
@@ -181,6 +198,89 @@ class KVCache:
 
     def update(self, tensors: Sequence[Tensor]) -> None:
         """Take a step's updated cache tensors."""
+        if len(tensors) != self.spec.num_tensors:
+            raise ValueError(f"expected {self.spec.num_tensors} cache tensors, got {len(tensors)}")
+        self.tensors = tuple(tensors)
+
+
+class PagedKVCache:
+    """A pool of fixed-size blocks shared by many sequences (vLLM's paged KV cache, portable ops).
+
+    Each cache tensor of ``spec`` is one pool (1, heads, num_blocks * block_size, dim); a sequence
+    owns a list of blocks (its block table) and its token t lives at pool position
+    ``table[t // block_size] * block_size + t % block_size``. Blocks are reserved when a sequence is
+    added (for every token it may ever hold, so a running sequence never waits for memory) and
+    returned to the free list when it is freed. The step graphs get, instead of one slot per row,
+    ``(positions (B, S), table (B, L))``: where the new tokens go and the pool positions of each
+    row's first L tokens (:class:`CacheWriter`, :func:`read_cache`).
+    """
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int = 16, dtype=ms.float32) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
+        self.tensors = tuple(ops.zeros(shape, dt) for shape, dt in spec.shapes(1, num_blocks * block_size, dtype))
+        self.free_blocks = list(range(num_blocks))
+        self.tables: dict = {}   # sequence id -> its blocks
+        self.lengths: dict = {}  # sequence id -> tokens written
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold ``tokens`` tokens."""
+        return -(-tokens // self.block_size)
+
+    def can_add(self, tokens: int) -> bool:
+        return self.blocks_for(tokens) <= len(self.free_blocks)
+
+    def add(self, seq_id, max_tokens: int) -> None:
+        """Reserve blocks for a sequence that will hold at most ``max_tokens`` tokens."""
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        need = self.blocks_for(max_tokens)
+        if need > len(self.free_blocks):
+            raise MemoryError(f"sequence {seq_id!r} needs {need} blocks of {self.block_size} tokens, "
+                              f"{len(self.free_blocks)} of {self.num_blocks} are free")
+        self.tables[seq_id] = [self.free_blocks.pop() for _ in range(need)]
+        self.lengths[seq_id] = 0
+
+    def free(self, seq_id) -> None:
+        """Return a sequence's blocks to the pool (a no-op for an unknown id)."""
+        self.free_blocks.extend(self.tables.pop(seq_id, ()))
+        self.lengths.pop(seq_id, None)
+
+    def _positions(self, seq_id, start: int, count: int) -> np.ndarray:
+        table = self.tables[seq_id]
+        if start + count > len(table) * self.block_size:
+            raise ValueError(f"sequence {seq_id!r} would hold {start + count} tokens, it reserved "
+                             f"{len(table) * self.block_size}")
+        tokens = np.arange(start, start + count)
+        return (np.asarray(table, np.int32)[tokens // self.block_size] * self.block_size
+                + tokens % self.block_size).astype(np.int32)
+
+    def prefill(self, seq_id, count: int) -> tuple:
+        """(mask (1, 1, S, S), (positions, table)) to write a new sequence's ``count`` prompt tokens."""
+        if self.lengths[seq_id]:
+            raise ValueError(f"sequence {seq_id!r} already holds {self.lengths[seq_id]} tokens")
+        positions = self._positions(seq_id, 0, count)[None]
+        self.lengths[seq_id] = count
+        mask = padded_causal_mask(np.ones((1, count), dtype=bool))
+        return Tensor(mask), (Tensor(positions), Tensor(positions))
+
+    def decode(self, seq_ids: Sequence) -> tuple:
+        """(mask (B, 1, 1, L), (positions (B, 1), table (B, L))) for one new token of each sequence."""
+        lengths = np.array([self.lengths[s] + 1 for s in seq_ids])
+        width = int(lengths.max())
+        table = np.zeros((len(seq_ids), width), np.int32)
+        positions = np.zeros((len(seq_ids), 1), np.int32)
+        for row, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
+            table[row, :length] = self._positions(seq_id, 0, int(length))
+            positions[row, 0] = table[row, length - 1]
+            self.lengths[seq_id] = int(length)
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        mask = np.where(valid, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :]
+        return Tensor(mask), (Tensor(positions), Tensor(table))
+
+    def update(self, tensors: Sequence[Tensor]) -> None:
+        """Take a step's updated pool tensors."""
         if len(tensors) != self.spec.num_tensors:
             raise ValueError(f"expected {self.spec.num_tensors} cache tensors, got {len(tensors)}")
         self.tensors = tuple(tensors)

@@ -69,3 +69,52 @@ def hf_cached_batch_logits(hf_model, prompts: list[list[int]], sequences, pad: i
                               use_cache=True).logits[:, -1]
             out.append(logits.numpy())
     return np.stack(out)
+
+
+def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joins=None, block_size: int = 4):
+    """(sequences, logits (steps, batch, vocab)) of greedy decoding over a shared paged KV cache.
+
+    Row r joins the running batch at engine step ``joins[r]`` (default: all at step 0): it is
+    prefilled alone, then decodes together with whichever rows are running, as the serving
+    engine's scheduler does. ``logits[t, r]`` is row r's t-th step, comparable with
+    :func:`generate_with_logits`.
+    """
+    from mindspore import Tensor
+
+    from mindformers_ext.cache import PagedKVCache
+    from mindformers_ext.generation.step_cells import PagedStep
+
+    joins = list(joins or [0] * len(prompts))
+    spec, dtype = model.cache_spec(), model._cache_dtype()  # pylint: disable=protected-access
+    cache = PagedKVCache(spec, sum(-(-(len(p) + steps) // block_size) for p in prompts) + 3, block_size, dtype)
+    prefill, decode = PagedStep(model, spec, dtype, False), PagedStep(model, spec, dtype, True)
+    generated = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    tick = 0
+    while any(len(g) < steps for g in generated):
+        running = [r for r in range(len(prompts)) if joins[r] < tick and 0 < len(generated[r]) < steps]
+        for r in range(len(prompts)):
+            if joins[r] == tick:
+                cache.add(r, len(prompts[r]) + steps)
+                mask, (pos, table) = cache.prefill(r, len(prompts[r]))
+                out = prefill(Tensor(np.array([prompts[r]], np.int32)),
+                              Tensor(np.arange(len(prompts[r]), dtype=np.int32)[None]), mask, pos, table, *cache.tensors)
+                cache.update(out[1:])
+                logits[r].append(out[0].asnumpy()[0, -1])
+                generated[r].append(int(logits[r][-1].argmax()))
+        if running:
+            ids = np.array([[generated[r][-1]] for r in running], np.int32)
+            positions = np.array([[len(prompts[r]) + len(generated[r]) - 1] for r in running], np.int32)
+            mask, (pos, table) = cache.decode(running)
+            out = decode(Tensor(ids), Tensor(positions), mask, pos, table, *cache.tensors)
+            cache.update(out[1:])
+            for row, r in enumerate(running):
+                logits[r].append(out[0].asnumpy()[row, -1])
+                generated[r].append(int(logits[r][-1].argmax()))
+        for r in range(len(prompts)):
+            if len(generated[r]) == steps:
+                cache.free(r)
+        tick += 1
+    assert len(cache.free_blocks) == cache.num_blocks, "blocks leaked"
+    sequences = [np.array(p + g, np.int32) for p, g in zip(prompts, generated)]
+    return sequences, np.stack([np.stack(row) for row in logits], axis=1)

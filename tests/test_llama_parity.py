@@ -5,7 +5,8 @@ import torch
 import transformers
 
 import mindspore as ms
-from decode_steps import STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, max_step_error
+from decode_steps import (STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, max_step_error,
+                          paged_greedy_logits)
 from mindformers_ext import load_hf_model
 from research.deepseek1_5 import DeepSeekCoderForCausalLM
 from sharp_models import assert_sharp
@@ -110,3 +111,17 @@ def test_generate_checks_the_context_with_rope_scaling(pairs, variant, context):
     assert ours.config.context_length() == context
     with pytest.raises(ValueError, match=f"exceeds the model's context of {context} positions"):
         ours.generate([[5] * (context - 10)], max_new_tokens=11)
+
+
+@pytest.mark.parametrize("variant", ["v1_5", "v1_linear", "gqa", "yarn"])
+def test_paged_cache_matches_contiguous_cache(pairs, variant):
+    """Greedy decoding over the serving engine's paged cache (block size 4, rows joining the running
+    batch at steps 0, 2 and 5) gives the contiguous cache's ids and step logits within 1e-5. Dynamic
+    NTK is left out: its frequencies follow the longest position of each call (as HF's), so they
+    depend on the batch."""
+    ours, _ = pairs[variant]
+    prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=4)
+    sequences, logits = generate_with_logits(ours, prompts, steps=24)
+    paged_sequences, paged_logits = paged_greedy_logits(ours, prompts, steps=24, joins=(0, 2, 5))
+    assert [s.tolist() for s in paged_sequences] == [s.tolist() for s in sequences]
+    assert float(np.abs(paged_logits - logits).max()) <= 1e-5

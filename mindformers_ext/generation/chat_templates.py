@@ -126,6 +126,7 @@ _ALIASES = {
     "deepseek2": "deepseek_v2",
     "deepseek_v2_chat": "deepseek_v2",
     "deepseek_v2_lite": "deepseek_v2",
+    "deepseek_v2_ms": "deepseek_v2",  # DeepseekV2Config.model_type
     "deepseek_llm": "deepseek_v2",
     "deepseek_coder_v2": "deepseek_v2",
     "starcoder": "wizardcoder",

@@ -52,3 +52,23 @@ class CachedStep(nn.Cell):
     def construct(self, input_ids, position_ids, mask, slot, *cache):
         hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, slot, self.decode)
         return (self.lm.logits(hidden[:, -1:, :]),) + cache
+
+
+class PagedStep(nn.Cell):
+    """:class:`CachedStep` over a :class:`mindformers_ext.cache.PagedKVCache` pool.
+
+    Inputs: input_ids (B, S), position_ids (B, S), mask, positions (B, S) (the pool positions the new
+    tokens are written to), table (B, L) (the pool positions of each row's tokens, read in decode),
+    then the pool tensors. Returns last-position logits and the updated pool.
+    """
+
+    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.lm = lm
+        self.decode = decode
+        inputs = cached_step_inputs(spec, cache_dtype)
+        self.set_inputs(*inputs[:3], _dyn(2, ms.int32), _dyn(2, ms.int32), *inputs[4:])
+
+    def construct(self, input_ids, position_ids, mask, positions, table, *cache):
+        hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, (positions, table), self.decode)
+        return (self.lm.logits(hidden[:, -1:, :]),) + cache

@@ -1,0 +1,349 @@
+"""Continuous batching over a paged KV cache: requests join and leave the running batch at every step.
+
+One step (:meth:`Engine.step`): cancelled requests leave and free their blocks; waiting requests are
+admitted in arrival order while the batch has room (``max_num_seqs``), the pool has blocks for their
+prompt and ``max_tokens``, and the step's token budget (``max_num_batched_tokens``, one token per
+running sequence plus each admitted prompt) is not spent; each admitted prompt is prefilled alone
+and gives its first token; then every other running sequence decodes one token in one batched call.
+A sequence's tokens do not depend on its batch mates: prefill is per request, and in decode each
+row attends over its own blocks only (masked padding contributes exact zeros).
+
+Results go out as :class:`Event` objects through the callback given to :meth:`Engine.submit`,
+called from the engine's thread (``start`` runs :meth:`step` in a background thread; tests and
+benches may call ``step`` themselves).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from mindspore import Tensor
+
+from mindformers_ext.cache import PagedKVCache
+from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
+from mindformers_ext.generation.step_cells import PagedStep
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full (HTTP 503)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate: the prompt's ids and the per-request sampling settings.
+
+    ``stop``: strings that end the completion (not included in the text); ``stop_token_ids``: token
+    ids that end it besides the engine's end tokens; ``logprobs``: how many top alternatives to report
+    per token (None: no log-probabilities).
+    """
+    prompt_ids: list
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: Optional[int] = None
+    stop: tuple = ()
+    stop_token_ids: tuple = ()
+    logprobs: Optional[int] = None
+
+
+@dataclass
+class Event:
+    """Output of one step for one request: the new ``text`` (may be empty while an incomplete
+    character or a possible stop string is held back), the new ``token_ids`` and, on the last event,
+    ``finish_reason`` ("stop", "length", "cancelled", or "error" when the engine failed)."""
+    request_id: str
+    text: str
+    token_ids: list
+    finish_reason: Optional[str] = None
+    logprobs: Optional[list] = None  # per new token: (token text, logprob, {alternative: logprob})
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    request: GenerationRequest
+    sink: Callable[[Event], None]
+    rng: Optional[np.random.Generator]
+    submitted: float
+    generated: list = field(default_factory=list)
+    sent: str = ""          # text already sent
+    first_token_at: Optional[float] = None
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    shifted = row.astype(np.float64) - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Engine:
+    """Serves one model: a :class:`PagedKVCache` pool shared by every request and the scheduler.
+
+    Args:
+        model: one of our causal LMs (``cache_spec()``, ``model``, ``logits``, ``config``).
+        tokenizer: its tokenizer (``decode``), for stop strings and streamed text.
+        num_blocks: blocks in the pool (default: room for ``max_num_seqs`` sequences of the full context).
+        block_size: tokens per block.
+        max_num_seqs: most sequences decoding at once.
+        max_num_batched_tokens: token budget of one step (decode tokens plus admitted prompts); a prompt
+            longer than the budget is admitted alone in a step.
+        max_queue: most requests waiting for admission; :meth:`submit` raises :class:`EngineFull` beyond.
+        eos_token_ids: ids that end every request (default: the model config's ``eos_token_id``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, num_blocks: Optional[int] = None, block_size: int = 16,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_queue: int = 256,
+                 eos_token_ids: Optional[Sequence[int]] = None) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_queue < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_queue must be >= 1, got "
+                             f"{max_num_seqs}, {max_num_batched_tokens}, {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.context = int(model.config.context_length())
+        self.max_num_seqs, self.max_num_batched_tokens, self.max_queue = max_num_seqs, max_num_batched_tokens, max_queue
+        spec, dtype = model.cache_spec(), model._cache_dtype()  # pylint: disable=protected-access
+        if num_blocks is None:
+            num_blocks = max_num_seqs * -(-self.context // block_size)
+        self.cache = PagedKVCache(spec, num_blocks, block_size, dtype)
+        self._prefill = PagedStep(model, spec, dtype, decode=False)
+        self._decode = PagedStep(model, spec, dtype, decode=True)
+        self._prefill.set_train(False)
+        self._decode.set_train(False)
+        eos = model.config.eos_token_id if eos_token_ids is None else eos_token_ids
+        self.eos_token_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])
+                              if e is not None}
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque = collections.deque()
+        self._running: dict = {}       # request id -> _Sequence
+        self._cancelled: set = set()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self.error: Optional[BaseException] = None  # what stopped the background thread
+        self.metrics = {"requests": 0, "finished": 0, "cancelled": 0, "rejected": 0, "prompt_tokens": 0,
+                        "generated_tokens": 0, "steps": 0}
+        self.ttft = collections.deque(maxlen=1000)       # seconds from submit to first token
+        self._token_times = collections.deque(maxlen=100000)  # time of each generated token
+
+    def reset_stats(self) -> None:
+        """Zero the counters and forget the timings (e.g. after a warm-up request)."""
+        with self._lock:
+            self.ttft.clear()
+            self._token_times.clear()
+            for key in self.metrics:
+                self.metrics[key] = 0
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens (prompt + completion) one request may hold."""
+        return min(self.context, self.cache.num_blocks * self.cache.block_size)
+
+    # ---- requests in -------------------------------------------------------------------------
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ``ValueError`` naming the field when ``request`` can never run."""
+        if not request.prompt_ids:
+            raise ValueError("prompt: the prompt is empty (no tokens)")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {request.max_tokens}")
+        total = len(request.prompt_ids) + request.max_tokens
+        if total > self.capacity:
+            raise ValueError(f"max_tokens: the prompt has {len(request.prompt_ids)} tokens, so at most "
+                             f"{max(self.capacity - len(request.prompt_ids), 0)} new tokens fit the model's "
+                             f"context of {self.capacity}; got max_tokens={request.max_tokens}")
+        request.sampling.validate()
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> str:
+        """Queue ``request``; its events go to ``sink``. Returns its id. Raises ``ValueError`` for a
+        request that can never run and :class:`EngineFull` when ``max_queue`` requests wait already."""
+        self.check(request)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                self.metrics["rejected"] += 1
+                raise EngineFull(f"{len(self._waiting)} requests are waiting already (max_queue "
+                                 f"{self.max_queue}); retry later")
+            request_id = f"cmpl-{next(self._ids)}"
+            rng = np.random.default_rng(request.seed) if request.sampling.do_sample else None
+            self._waiting.append(_Sequence(request_id, request, sink, rng, time.monotonic()))
+            self.metrics["requests"] += 1
+            self._lock.notify_all()
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (e.g. its client went away); its blocks are freed at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify_all()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running or self._cancelled)
+
+    def stats(self) -> dict:
+        """Queue length, running requests, free blocks, counters, recent tokens/s and time to first token."""
+        now = time.monotonic()
+        with self._lock:
+            recent = sum(1 for t in self._token_times if t > now - 10.0)
+            return {"waiting": len(self._waiting), "running": len(self._running),
+                    "free_blocks": len(self.cache.free_blocks), "num_blocks": self.cache.num_blocks,
+                    "tokens_per_second": recent / 10.0, "ttft": list(self.ttft), **self.metrics}
+
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        with self._lock:
+            for request_id in self._cancelled:
+                seq = self._running.pop(request_id, None)
+                if seq is None:
+                    seq = next((s for s in self._waiting if s.request_id == request_id), None)
+                    if seq is not None:
+                        self._waiting.remove(seq)
+                if seq is not None:
+                    self.cache.free(request_id)
+                    self.metrics["cancelled"] += 1
+                    self._emit(seq, "", [], "cancelled")
+            self._cancelled.clear()
+            admitted = []
+            budget = self.max_num_batched_tokens - len(self._running)
+            while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
+                seq = self._waiting[0]
+                prompt, total = len(seq.request.prompt_ids), len(seq.request.prompt_ids) + seq.request.max_tokens
+                if (admitted and prompt > budget) or not self.cache.can_add(total):
+                    break  # in arrival order: a request that does not fit waits, and so do those behind it
+                self._waiting.popleft()
+                self.cache.add(seq.request_id, total)
+                admitted.append(seq)
+                budget -= prompt
+            decoding = list(self._running.values())
+            for seq in admitted:
+                self._running[seq.request_id] = seq
+        self.metrics["steps"] += 1
+        for seq in admitted:
+            self._prefill_one(seq)
+        if decoding:
+            self._decode_batch(decoding)
+
+    def _prefill_one(self, seq: _Sequence) -> None:
+        ids = seq.request.prompt_ids
+        mask, (positions, table) = self.cache.prefill(seq.request_id, len(ids))
+        out = self._prefill(Tensor(np.array([ids], np.int32)), Tensor(np.arange(len(ids), dtype=np.int32)[None]),
+                            mask, positions, table, *self.cache.tensors)
+        self.cache.update(out[1:])
+        self.metrics["prompt_tokens"] += len(ids)
+        self._advance(seq, out[0].asnumpy()[0, -1, :])
+
+    def _decode_batch(self, seqs: list) -> None:
+        ids = np.array([[s.generated[-1]] for s in seqs], np.int32)
+        positions = np.array([[len(s.request.prompt_ids) + len(s.generated) - 1] for s in seqs], np.int32)
+        mask, (write, table) = self.cache.decode([s.request_id for s in seqs])
+        out = self._decode(Tensor(ids), Tensor(positions), mask, write, table, *self.cache.tensors)
+        self.cache.update(out[1:])
+        logits = out[0].asnumpy()[:, -1, :]
+        for row, seq in enumerate(seqs):
+            self._advance(seq, logits[row])
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Choose the next token of ``seq`` from its float32 ``logits`` (vocab,), send what is new."""
+        request = seq.request
+        logits = logits.astype(np.float32)[None]
+        scores = process_logits(logits, request.sampling, [list(request.prompt_ids) + seq.generated])
+        token = int(draw(scores, request.sampling, seq.rng)[0])
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.ttft.append(now - seq.submitted)
+        self._token_times.append(now)
+        self.metrics["generated_tokens"] += 1
+        logprobs = None
+        if request.logprobs is not None:
+            lp = _log_softmax(logits[0])
+            top = np.argsort(-lp)[:request.logprobs] if request.logprobs else []
+            logprobs = [(self._token_text(token), float(lp[token]),
+                         {self._token_text(int(t)): float(lp[t]) for t in top})]
+        if token in self.eos_token_ids or token in request.stop_token_ids:
+            self._finish(seq, [token], "stop", logprobs, count_token=False)
+            return
+        seq.generated.append(token)
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        stop_at = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            self._finish(seq, [token], "stop", logprobs, text=text[:stop_at])
+            return
+        if len(seq.generated) >= request.max_tokens:
+            self._finish(seq, [token], "length", logprobs, text=text)
+            return
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next bytes
+            safe = len(text.rstrip("\ufffd"))
+        hold = 0  # hold back what may be the start of a stop string
+        for stop in request.stop:
+            hold = max([hold] + [k for k in range(1, min(len(stop) - 1, safe) + 1) if text[:safe].endswith(stop[:k])])
+        safe -= hold
+        delta = text[len(seq.sent):safe] if safe > len(seq.sent) else ""
+        seq.sent += delta
+        self._emit(seq, delta, [token], None, logprobs)
+
+    def _finish(self, seq: _Sequence, tokens: list, reason: str, logprobs, count_token: bool = True,
+                text: Optional[str] = None) -> None:
+        delta = text[len(seq.sent):] if text is not None and len(text) > len(seq.sent) else ""
+        seq.sent += delta
+        with self._lock:
+            self._running.pop(seq.request_id, None)
+            self.cache.free(seq.request_id)
+            self.metrics["finished"] += 1
+        self._emit(seq, delta, tokens if count_token else [], reason, logprobs if count_token else None)
+
+    def _emit(self, seq: _Sequence, text: str, tokens: list, reason: Optional[str], logprobs=None) -> None:
+        seq.sink(Event(seq.request_id, text, tokens, reason, logprobs, len(seq.request.prompt_ids),
+                       len(seq.generated)))
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    # ---- running -----------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        """Step until nothing waits or runs (offline use: tests, benches)."""
+        while self.has_work():
+            self.step()
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="mfx-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._running or self._cancelled or self._stopping):
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                self.step()
+        except BaseException as exc:  # pylint: disable=broad-except
+            self.error = exc
+            with self._lock:
+                failed = list(self._running.values()) + list(self._waiting)
+                self._running.clear()
+                self._waiting.clear()
+            for seq in failed:
+                self._emit(seq, "", [], "error")
+            raise

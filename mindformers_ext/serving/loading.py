@@ -1,0 +1,73 @@
+"""A served model from a predict YAML or an HF directory, and the app around it (``tools/serve.py``)."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Optional
+
+from mindformers_ext.generation.sampling import SamplingParams
+from mindformers_ext.serving.api import ServedModel, build_app
+from mindformers_ext.serving.engine import Engine, GenerationRequest
+
+# HF model_type -> (tokenizer module, class) of the family's research package
+_HF_TOKENIZERS = {
+    "llama": ("research.deepseek1_5", "DeepSeekCoderTokenizer"),
+    "deepseek_v2": ("research.deepseek1_5", "DeepSeekCoderTokenizer"),
+    "gpt_bigcode": ("research.wizardcoder", "WizardCoderTokenizer"),
+}
+
+
+def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, random_weights: bool = False,
+                      name: Optional[str] = None) -> tuple:
+    """(model, tokenizer, name, family) from a predict YAML, loaded as ``run_mindformer.py`` does."""
+    from mindformers_ext.api import build_text_generator  # pylint: disable=import-outside-toplevel
+
+    generator = build_text_generator(config_path, load_checkpoint, random_weights=random_weights)
+    config = generator.network.config
+    if name is None:
+        trainer = _section(_section(_read_yaml(config_path), "trainer"), "model_name")
+        name = trainer or os.path.splitext(os.path.basename(config_path))[0]
+    return generator.network, generator.tokenizer, name, config.model_type
+
+
+def load_hf_dir(hf_dir: str, name: Optional[str] = None) -> tuple:
+    """(model, tokenizer, name, family) from an HF checkpoint directory."""
+    from mindformers_ext.hf_loader import load_hf_model, read_hf_config  # pylint: disable=import-outside-toplevel
+
+    model_type = read_hf_config(hf_dir).get("model_type")
+    if model_type not in _HF_TOKENIZERS:
+        raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: model_type {model_type!r} is not supported; "
+                         f"expected one of {sorted(_HF_TOKENIZERS)}")
+    model = load_hf_model(hf_dir)
+    module, cls = _HF_TOKENIZERS[model_type]
+    tokenizer = getattr(importlib.import_module(module), cls)(tokenizer_file=hf_dir)
+    return model, tokenizer, name or os.path.basename(os.path.normpath(hf_dir)), model.config.model_type
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def _section(data: Any, key: str) -> Any:
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def sampling_defaults(config: Any) -> SamplingParams:
+    """The model's generation defaults (its YAML's do_sample / top_k / top_p / repetition_penalty)."""
+    return SamplingParams(bool(getattr(config, "do_sample", False)), float(getattr(config, "temperature", 1.0) or 1.0),
+                          int(getattr(config, "top_k", 0) or 0), float(getattr(config, "top_p", 1.0) or 1.0),
+                          float(getattr(config, "repetition_penalty", 1.0) or 1.0))
+
+
+def serve_app(model: Any, tokenizer: Any, name: str, family: str, warmup: bool = True, **engine_kwargs: Any):
+    """The FastAPI app serving ``model``; ``warmup`` compiles the prefill and decode graphs first, so
+    the first request does not wait for them."""
+    engine = Engine(model, tokenizer, **engine_kwargs)
+    if warmup:
+        engine.submit(GenerationRequest([int(tokenizer.bos_token_id or 0)] * 2, 2), lambda event: None)
+        engine.run_until_done()
+        engine.reset_stats()
+    return build_app(ServedModel(engine, tokenizer, name, family, sampling_defaults(model.config)))
