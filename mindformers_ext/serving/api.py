@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from mindformers_ext.generation.chat_templates import apply_chat_template
 from mindformers_ext.generation.fim import build_fim_prompt, fim_stop_token_ids
 from mindformers_ext.generation.sampling import SamplingParams
 from mindformers_ext.serving.engine import Engine, EngineFull, Event, GenerationRequest
+
+
+_TYPE_TAG = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z]+-[a-z-]+\[.*\]")
 
 
 class APIError(Exception):
@@ -151,6 +155,7 @@ def build_app(served: ServedModel) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="mindformers-ext", lifespan=lifespan)
+    app.state.served = served
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
@@ -159,7 +164,8 @@ def build_app(served: ServedModel) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # the field's path; pydantic adds the union member tried ("str", "list[str]") for union fields
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.fullmatch(str(p))]
         field = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             message, field = f"the body is not valid JSON: {first.get('msg')} at character {loc[-1] if loc else '?'}", None

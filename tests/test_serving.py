@@ -1,0 +1,320 @@
+"""The OpenAI-compatible server (tools/serve.py's app) on the embedded demo model, driven over HTTP on
+127.0.0.1 with the official ``openai`` client (raw HTTP for the malformed cases).
+
+Every completion is checked against the model's own ``generate`` (contiguous KV cache, one prompt at
+a time, the YAML's sampling defaults: greedy with repetition penalty 1.2): the server's paged cache,
+scheduler, streaming, stop handling and detokenisation must give the same text.
+"""
+import concurrent.futures
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from openai import APIStatusError, OpenAI
+
+from mindformers_ext.generation.chat_templates import apply_chat_template
+from mindformers_ext.generation.fim import build_fim_prompt, fim_stop_token_ids
+from mindformers_ext.serving.loading import load_config_model, serve_app
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "deepseek1_5", "predict_demo.yaml")
+PROMPTS = ["def __init__(self", "import os\nimport sys\n\ndef main():", "class Stack:\n    def push(self, item):",
+           "# read a file\ndef read(path):", "for i in range(10):", "def fib(n):", "x = [", "try:\n    import json",
+           "def add(a, b):\n    return", "while True:", "if __name__ == '__main__':", "def test_sum():",
+           "from collections import", "with open(path) as f:", "class Error(Exception):", "def parse(text):"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the demo YAML's checkpoint path is repository-relative
+    try:
+        model, tokenizer, name, family = load_config_model(DEMO)
+    finally:
+        os.chdir(cwd)
+    app = serve_app(model, tokenizer, name, family, max_num_seqs=16, block_size=16)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+
+    class Server:
+        url = f"http://127.0.0.1:{port}"
+        host = ("127.0.0.1", port)
+        engine = app.state.served.engine
+
+    Server.model, Server.tokenizer, Server.name, Server.family = model, tokenizer, name, family
+    Server.client = OpenAI(base_url=f"{Server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    yield Server
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def _http(server, method, path, body=None):
+    """(status, content type, body text) of one plain HTTP request (``body``: JSON-able, or raw bytes)."""
+    conn = http.client.HTTPConnection(*server.host, timeout=60)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"content-type": "application/json"} if data else {})
+        res = conn.getresponse()
+        return res.status, res.getheader("content-type"), res.read().decode()
+    finally:
+        conn.close()
+
+
+def _reference(server, ids, max_new, stop_ids=()):
+    """New ids of the model's own generate (contiguous cache, alone) with the YAML's defaults."""
+    eos = [server.model.config.eos_token_id, *stop_ids]
+    out = server.model.generate([ids], max_new_tokens=max_new, eos_token_id=eos)[0]
+    return [int(t) for t in out[len(ids):]]
+
+
+def _text(server, new_ids, stop_ids=()):
+    ends = {server.model.config.eos_token_id, *stop_ids}
+    finished = bool(new_ids) and new_ids[-1] in ends
+    return server.tokenizer.decode(new_ids[:-1] if finished else new_ids, skip_special_tokens=True), finished
+
+
+def _encode(server, text):
+    return [int(t) for t in server.tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def _wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = server.engine.stats()
+        if not s["running"] and not s["waiting"] and s["free_blocks"] == s["num_blocks"]:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"the engine did not go idle: {server.engine.stats()}")
+
+
+def test_models_health_and_metrics(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [server.name]
+    status, _, body = _http(server, "GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    server.client.completions.create(model=server.name, prompt="def f(x):", max_tokens=3)
+    text = _http(server, "GET", "/metrics")[2]
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    for key in ("mfx_queue_length", "mfx_running_requests", "mfx_generation_tokens_per_second",
+                'mfx_time_to_first_token_seconds{quantile="0.5"}', "mfx_time_to_first_token_seconds_count"):
+        assert key in values, key
+    assert values["mfx_requests_total"] >= 1 and values["mfx_generated_tokens_total"] >= 3
+    assert values['mfx_time_to_first_token_seconds{quantile="0.5"}'] > 0
+
+
+def test_completion_equals_generate(server):
+    ids = _encode(server, PROMPTS[1])
+    expected, finished = _text(server, _reference(server, ids, 40))
+    res = server.client.completions.create(model=server.name, prompt=PROMPTS[1], max_tokens=40)
+    assert res.choices[0].text == expected
+    assert res.choices[0].finish_reason == ("stop" if finished else "length")
+    assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens <= 40
+    echo = server.client.completions.create(model=server.name, prompt=PROMPTS[1], max_tokens=40, echo=True)
+    assert echo.choices[0].text == PROMPTS[1] + expected
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    expected, _ = _text(server, _reference(server, _encode(server, PROMPTS[0]), 24))
+    body = {"model": server.name, "prompt": PROMPTS[0], "max_tokens": 24, "stream": True}
+    status, content_type, text = _http(server, "POST", "/v1/completions", body)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    lines = [line for line in text.split("\n") if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len(chunks) > 3  # streamed token by token, not in one piece
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_sixteen_concurrent_streams_each_equal_its_single_request_output(server):
+    """16 streaming requests at once (64 new tokens each): none lost, each equals the model's generate
+    on that prompt alone; the cache pool is whole again afterwards."""
+    expected = [_text(server, _reference(server, _encode(server, p), 64))[0] for p in PROMPTS]
+
+    def run(prompt):
+        stream = server.client.completions.create(model=server.name, prompt=prompt, max_tokens=64, stream=True)
+        return "".join(chunk.choices[0].text for chunk in stream)
+
+    before = server.engine.stats()["finished"]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, PROMPTS))
+    assert got == expected
+    stats = _wait_idle(server)
+    assert stats["finished"] - before == 16
+
+
+def test_chat_completion_uses_the_family_template_and_stops_at_end_of_turn(server):
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    text = apply_chat_template(messages, server.tokenizer, family=server.family)
+    ids = [int(t) for t in server.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    eot = server.tokenizer.convert_tokens_to_ids("<|EOT|>")
+    expected, _ = _text(server, _reference(server, ids, 32, [eot]), [eot])
+    res = server.client.chat.completions.create(model=server.name, messages=messages, max_tokens=32)
+    assert res.choices[0].message.role == "assistant"
+    assert res.choices[0].message.content == expected
+    assert res.usage.prompt_tokens == len(ids)
+    stream = server.client.chat.completions.create(model=server.name, messages=messages, max_tokens=32, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+
+def test_fill_in_the_middle_with_suffix(server):
+    prefix, suffix = "def area(r):\n    ", "\n    return result\n"
+    ids = _encode(server, build_fim_prompt(prefix, suffix, server.family))
+    stops = fim_stop_token_ids(server.tokenizer, server.family)
+    expected, _ = _text(server, _reference(server, ids, 24, stops), stops)
+    res = server.client.completions.create(model=server.name, prompt=prefix, suffix=suffix, max_tokens=24)
+    assert res.choices[0].text == expected
+    assert res.usage.prompt_tokens == len(ids)
+
+
+def test_stop_strings_cut_the_text_and_never_leak_into_the_stream(server):
+    ids = _encode(server, PROMPTS[5])
+    full, _ = _text(server, _reference(server, ids, 48))
+    words = [w for w in full.split() if len(w) >= 3]
+    assert words, full
+    stop = words[len(words) // 2][:3]  # a 3-character stop string from the middle of the reference text
+    expected = full[:full.find(stop)]
+    res = server.client.completions.create(model=server.name, prompt=PROMPTS[5], max_tokens=48, stop=[stop])
+    assert res.choices[0].text == expected and res.choices[0].finish_reason == "stop"
+    streamed = [c.choices[0].text for c in server.client.completions.create(
+        model=server.name, prompt=PROMPTS[5], max_tokens=48, stop=stop, stream=True)]
+    assert "".join(streamed) == expected
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs_are_log_probabilities(server):
+    kwargs = dict(model=server.name, prompt=PROMPTS[3], max_tokens=16, temperature=0.9, top_p=0.95)
+    a = server.client.completions.create(seed=7, **kwargs).choices[0].text
+    b = server.client.completions.create(seed=7, **kwargs).choices[0].text
+    others = {server.client.completions.create(seed=s, **kwargs).choices[0].text for s in range(8, 12)}
+    assert a == b
+    assert len(others | {a}) > 1  # different seeds do not all give the same text
+    res = server.client.completions.create(model=server.name, prompt=PROMPTS[3], max_tokens=4, logprobs=3,
+                                           temperature=0)
+    lp = res.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) == 3
+        assert value == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the chosen token is the top one
+    # the reported log-probabilities are the model's: log-softmax of generate's raw logits
+    ids = _encode(server, PROMPTS[3])
+    out = server.model.generate([ids], max_new_tokens=1, do_sample=False, repetition_penalty=1.0,
+                                return_dict_in_generate=True, output_logits=True)
+    logits = out.logits[0][0].astype(np.float64)
+    log_softmax = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    assert lp.token_logprobs[0] == pytest.approx(log_softmax.max(), abs=1e-4)
+
+
+def _post(server, body, path="/v1/completions"):
+    status, _, text = _http(server, "POST", path, body)
+    return status, json.loads(text)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "MODEL", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "MODEL", "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "MODEL", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "MODEL", "prompt": "def f():\n" * 300, "max_tokens": 4}, 400, "prompt"),
+    ({"model": "MODEL", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "MODEL", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "MODEL", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "MODEL", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "MODEL", "prompt": 5}, 400, "prompt"),
+    ({"model": "MODEL", "prompt": "x", "best_of": 2}, 400, "best_of"),
+    ({"model": "MODEL", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "MODEL", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    (b'{"model": "MODEL", "prompt": "x"', 400, None),
+    (b"not json", 400, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
+    if isinstance(body, dict):
+        body = {k: (server.name if v == "MODEL" else v) for k, v in body.items()}
+    else:
+        body = body.replace(b"MODEL", server.name.encode())
+    code, res = _post(server, body)
+    assert code == status, res
+    error = res["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+    if param:
+        assert param in error["message"]
+    assert server.client.completions.create(model=server.name, prompt="x = 1", max_tokens=2).choices
+
+
+def test_chat_bad_messages(server):
+    code, res = _post(server, {"model": server.name, "messages": [{"role": "robot", "content": "hi"}]},
+                      "/v1/chat/completions")
+    assert code == 400 and res["error"]["param"].startswith("messages.0.role"), res
+    code, res = _post(server, {"model": server.name, "messages": []}, "/v1/chat/completions")
+    assert code == 400 and res["error"]["param"] == "messages", res
+
+
+def test_client_going_away_mid_stream_cancels_its_request(server):
+    before = server.engine.stats()["cancelled"]
+    body = {"model": server.name, "prompt": PROMPTS[2], "max_tokens": 200, "stream": True}
+    conn = http.client.HTTPConnection(*server.host, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    res = conn.getresponse()
+    assert res.status == 200 and res.read(6) == b"data: "  # (read() undoes the chunked transfer encoding)
+    conn.close()
+    # the connection is closed after one chunk: the engine stops the request and frees its blocks
+    deadline = time.time() + 30
+    while server.engine.stats()["cancelled"] == before:
+        assert time.time() < deadline, server.engine.stats()
+        time.sleep(0.05)
+    _wait_idle(server)
+    assert server.client.completions.create(model=server.name, prompt="y = 2", max_tokens=2).choices
+
+
+def test_full_queue_answers_503(server):
+    engine = server.engine
+    saved = engine.max_queue
+    engine.max_queue = 0  # every new request finds the queue full
+    try:
+        code, res = _post(server, {"model": server.name, "prompt": "x", "max_tokens": 2})
+    finally:
+        engine.max_queue = saved
+    assert code == 503 and res["error"]["code"] == "queue_full", res
+    with pytest.raises(APIStatusError):
+        engine.max_queue = 0
+        try:
+            server.client.completions.create(model=server.name, prompt="x", max_tokens=2)
+        finally:
+            engine.max_queue = saved
+    assert server.client.completions.create(model=server.name, prompt="x", max_tokens=2).choices
+
+
+def test_many_requests_leave_no_blocks_behind(server):
+    """200 short requests, 16 at a time: every one answered, and the pool is whole again."""
+    def run(i):
+        return server.client.completions.create(model=server.name, prompt=PROMPTS[i % 16], max_tokens=3).choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        choices = list(pool.map(run, range(200)))
+    assert len(choices) == 200 and all(c.finish_reason in ("stop", "length") for c in choices)
+    _wait_idle(server)
