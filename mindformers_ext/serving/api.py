@@ -61,6 +61,7 @@ class _Sampling(BaseModel):
     stream_options: Optional[dict] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
 
 
 class CompletionBody(_Sampling):
@@ -334,7 +335,7 @@ def build_app(served: ServedModel) -> FastAPI:
         reqs = []
         for ids in encoded:
             reqs.append(GenerationRequest(ids, check_common(body, max_tokens, len(ids)), params, body.seed, stops,
-                                          stop_ids, body.logprobs))
+                                          stop_ids, body.logprobs, body.ignore_eos))
         _validate(params)
         collector = _Collector(asyncio.get_running_loop())
         ids = submit(reqs, collector)
@@ -379,7 +380,8 @@ def build_app(served: ServedModel) -> FastAPI:
                                   len(prompt_ids))
         params = _sampling(body, served.defaults)
         _validate(params)
-        req = GenerationRequest(prompt_ids, max_tokens, params, body.seed, _stops(body.stop), chat_stops)
+        req = GenerationRequest(prompt_ids, max_tokens, params, body.seed, _stops(body.stop), chat_stops,
+                                ignore_eos=body.ignore_eos)
         collector = _Collector(asyncio.get_running_loop())
         ids = submit([req], collector)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -39,7 +39,8 @@ class GenerationRequest:
 
     ``stop``: strings that end the completion (not included in the text); ``stop_token_ids``: token
     ids that end it besides the engine's end tokens; ``logprobs``: how many top alternatives to report
-    per token (None: no log-probabilities).
+    per token (None: no log-probabilities); ``ignore_eos``: the end tokens do not stop it (vLLM's
+    option, for benchmarks of a fixed length).
     """
     prompt_ids: list
     max_tokens: int
@@ -48,6 +49,7 @@ class GenerationRequest:
     stop: tuple = ()
     stop_token_ids: tuple = ()
     logprobs: Optional[int] = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -263,7 +265,7 @@ class Engine:
             top = np.argsort(-lp)[:request.logprobs] if request.logprobs else []
             logprobs = [(self._token_text(token), float(lp[token]),
                          {self._token_text(int(t)): float(lp[t]) for t in top})]
-        if token in self.eos_token_ids or token in request.stop_token_ids:
+        if not request.ignore_eos and (token in self.eos_token_ids or token in request.stop_token_ids):
             self._finish(seq, [token], "stop", logprobs, count_token=False)
             return
         seq.generated.append(token)
