@@ -12,6 +12,13 @@ would flatter our ratio. Pass --threads 2 to see that configuration.
     python bench/decode.py --models bigcode-tiny bigcode-150m
     python bench/decode.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA latent cache, MoE)
     python bench/decode.py --models tiny --batches 1 --new_tokens 32
+    python bench/decode.py --models llama-150m --batches 1 --quant w8a16   # + our W8A16 model on the same weights
+
+Each line also gives the weight bytes one decode step reads per token (``*_weight_bytes_per_token``:
+every stored parameter, int8 and scales counted as stored, divided by the batch, except the input
+embedding rows (a gather) and the routed experts, of which each token reads k of E). With
+``--quant w8a16`` our W8A16 model (:func:`mindformers_ext.quant.quantize_model`) is timed too, and
+``w8a16_same_ids_fraction`` is the fraction of its new tokens equal to our float32 model's.
 """
 from __future__ import annotations
 
@@ -114,6 +121,26 @@ def time_hf(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndar
     return elapsed, out[:, prompts.shape[1]:].numpy()
 
 
+def weight_bytes_per_token(model, batch: int) -> int:
+    """Bytes of stored weights one decode step reads, per token (see the module docstring)."""
+    from mindformers_ext.layers.moe import RoutedExperts
+
+    routed = {}  # parameter name -> fraction of it a token reads (k of E experts)
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, RoutedExperts):
+            for param in cell.get_parameters():
+                routed[param.name] = cell.top_k / cell.num_experts
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    total = 0.0
+    for param in model.get_parameters():
+        nbytes = int(np.prod(param.shape)) * np.dtype(param.asnumpy().dtype).itemsize
+        if "embedding" in param.name and not (tied and param.name.endswith(("embedding_weight", "embedding_table"))
+                                              and "position" not in param.name):
+            continue  # an embedding lookup reads one row per token
+        total += nbytes * routed[param.name] if param.name in routed else nbytes / batch
+    return int(total)
+
+
 def time_ours(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
     batch = prompts.tolist()
     model.generate(batch, max_new_tokens=4, eos_token_id=[])
@@ -131,6 +158,8 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per framework (default 1: see the module docstring)")
+    parser.add_argument("--quant", choices=("w8a16",), default=None,
+                        help="also time our model with this weight quantization (same weights)")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -145,19 +174,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf = build_hf(name, tmp)
             ours = load_hf_model(tmp, use_past=True, seq_length=2048)
+            quantized = load_hf_model(tmp, use_past=True, seq_length=2048, quant=args.quant) if args.quant else None
         rng = np.random.RandomState(0)
         for batch in args.batches:
             prompts = rng.randint(3, CONFIGS[name]["vocab_size"], size=(batch, args.prompt_len))
             ours_s, ours_ids = time_ours(ours, prompts, args.new_tokens)
             hf_s, hf_ids = time_hf(hf, prompts, args.new_tokens)
             tokens = batch * args.new_tokens
-            print(json.dumps({
+            line = {
                 "bench": "decode", "model": name, "batch": batch, "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens, "threads": args.threads,
                 "ours_tokens_per_s": round(tokens / ours_s, 2), "hf_tokens_per_s": round(tokens / hf_s, 2),
                 "ratio_ours_over_hf": round(hf_s / ours_s, 3),
                 "same_ids": bool(np.array_equal(ours_ids, hf_ids)),
-            }), flush=True)
+                "ours_weight_bytes_per_token": weight_bytes_per_token(ours, batch),
+            }
+            if quantized is not None:
+                quant_s, quant_ids = time_ours(quantized, prompts, args.new_tokens)
+                line.update({
+                    f"ours_{args.quant}_tokens_per_s": round(tokens / quant_s, 2),
+                    f"ratio_{args.quant}_over_hf": round(hf_s / quant_s, 3),
+                    f"ratio_{args.quant}_over_ours_float": round(ours_s / quant_s, 3),
+                    f"{args.quant}_same_ids_fraction": round(float(np.mean(quant_ids == ours_ids)), 4),
+                    f"ours_{args.quant}_weight_bytes_per_token": weight_bytes_per_token(quantized, batch),
+                })
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from mindformers_ext.convert.engine import ConversionInterrupted, convert
 from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.registry import available_models
+from mindformers_ext.quant import QUANT_METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 SEED_CKPT_NAME = "transform.ckpt"  # the DeepSeek seeds' default --mindspore_ckpt_path
@@ -40,6 +41,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output (default: refuse); the input itself is never replaced")
+    parser.add_argument("--quant", choices=QUANT_METHODS, default=None,
+                        help="w8a16: store the linear layers' weights (MoE experts included; not the LM head, "
+                             "embedding, norms, routers) as int8 with a float32 <name>_scale per output feature; "
+                             "load with run_mindformer.py --quant w8a16")
     return parser
 
 
@@ -68,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
         result = convert(args.input_path, args.output_path, args.model, dtype=args.dtype,
                          progress=not args.no_progress, config=args.config, reverse=args.reversed,
                          max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, quant=args.quant)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

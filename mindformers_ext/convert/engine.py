@@ -17,6 +17,7 @@ from mindformers_ext.convert.dtypes import STORAGE, normalize_dtype
 from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.outputs import CkptSink, HFDirSink, SafetensorsFileSink
 from mindformers_ext.convert.plan import Plan, Step, expected_shapes, make_plan
+from mindformers_ext.convert.quantize import quantize_stream, quantized_outputs, quantized_scale_shapes
 from mindformers_ext.convert.registry import get_weight_map
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import TensorInfo
@@ -129,7 +130,7 @@ def find_hf_config(path: str) -> Optional[str]:
 def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str, WeightMap],
             dtype: Optional[str] = None, progress: bool = True, *, config: Any = None, reverse: bool = False,
             max_shard_size: Union[int, str] = "5GB", allow_pickle: bool = False,
-            overwrite: bool = True) -> ConversionResult:
+            overwrite: bool = True, quant: Optional[str] = None) -> ConversionResult:
     """Convert a checkpoint between HF and our (MindSpore) names, streaming tensor by tensor.
 
     Forward (``reverse=False``): ``source`` is an HF checkpoint (model dir, safetensors file or index,
@@ -139,6 +140,9 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     directory, which gets ``config.json`` from ``config`` (required: an HF config.json path / dict, our
     YAML, our config object).
     ``dtype`` (``float32`` / ``float16`` / ``bfloat16``) converts every float tensor; ``None`` keeps them.
+    ``quant="w8a16"`` (forward only) writes the weights that W8A16 quantizes as int8 plus a float32
+    ``<name>_scale`` each, quantized from their values after ``dtype``
+    (:mod:`mindformers_ext.convert.quantize`).
 
     Nothing is written unless the whole source validates: names, shapes against the config, no missing
     tensor. The output appears atomically (temp file + rename); on any error, and on SIGTERM / SIGINT /
@@ -150,6 +154,9 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     from mindformers_ext.convert.configs import load_config  # pylint: disable=import-outside-toplevel
 
     t0 = time.time()
+    if quant and reverse:
+        raise ConversionError(f"--quant {quant}: quantization is a forward conversion (HF -> MindSpore); "
+                              "--reversed writes float HF weights")
     wmap = get_weight_map(weight_map)
     src = source if isinstance(source, WeightSource) else open_source(source, allow_pickle=allow_pickle)
     if config is None:
@@ -163,12 +170,18 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     hf_cfg = load_config(config, wmap)
     plan = plan_for(src, wmap, hf_cfg, "hf" if reverse else "ours", dtype, config)
     check_output(src, plan, target, reverse, overwrite)
+    outputs, stream = plan.outputs, execute(plan)
+    if quant:
+        scales = quantized_scale_shapes(wmap, hf_cfg, quant)
+        outputs = quantized_outputs(outputs, scales)
+        stream = quantize_stream(stream, scales)
+    total = sum(o.nbytes for o in outputs)
     sink = _make_sink(target, reverse, hf_cfg, plan, max_shard_size)
-    bar = _progress(plan, progress, os.path.basename(os.path.normpath(target)))
+    bar = _progress(total, progress, os.path.basename(os.path.normpath(target)))
     with raise_on_signals():
         try:
-            sink.begin(plan.outputs)
-            for info, array in execute(plan):
+            sink.begin(outputs)
+            for info, array in stream:
                 sink.write(info, array)
                 bar.update(array.nbytes)
                 del array
@@ -178,7 +191,7 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
             raise
         finally:
             bar.close()
-    return ConversionResult(files, len(plan.outputs), plan.total_bytes, time.time() - t0, plan.skipped)
+    return ConversionResult(files, len(outputs), total, time.time() - t0, plan.skipped)
 
 
 ConversionInterrupted = Interrupted  # a conversion stopped by SIGTERM / SIGINT / SIGHUP (exit 128 + signal)
@@ -254,9 +267,9 @@ class _NoBar:
         pass
 
 
-def _progress(plan: Plan, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 dynamic_ncols=True)

@@ -1,9 +1,8 @@
 """Dense projection with an HF-shaped weight ([out, in]) and column / row parallel strategies."""
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindformers_ext.parallel.shard import ShardedCell
@@ -22,6 +21,8 @@ class Linear(ShardedCell):
     (``weight_scale``) and ``y = (x @ q^T) * scale + b``, the same as ``x @ (q * scale)^T``.
     """
 
+    W8A16_WEIGHTS = ("weight",)  # what quantize_w8a16 turns into int8 (+ "<name>_scale")
+
     def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
                  compute_dtype: str = "float32", param_init_type: str = "float32", init_std: float = 0.02) -> None:
         super().__init__()
@@ -39,14 +40,12 @@ class Linear(ShardedCell):
         self.reshape = ops.Reshape()
         self.quantized = False
 
-    def quantize_w8a16(self) -> None:
-        """Replace the float weight by int8 with symmetric per-output-feature scales (weight-only)."""
-        from mindformers_ext.quant import quantize_per_channel  # pylint: disable=import-outside-toplevel
+    def quantize_w8a16(self, from_weights: bool = True) -> None:
+        """Replace the float weight by int8 with symmetric per-output-feature scales (weight-only);
+        ``from_weights=False``: int8 zeros and unit scales, a layout to load an int8 checkpoint into."""
+        from mindformers_ext.quant import int8_parameters  # pylint: disable=import-outside-toplevel
 
-        q, scale = quantize_per_channel(self.weight.asnumpy().astype(np.float32))
-        name = self.weight.name
-        self.weight = Parameter(Tensor(q), name=name, requires_grad=False)
-        self.weight_scale = Parameter(Tensor(scale), name=name + "_scale", requires_grad=False)
+        self.weight, self.weight_scale = int8_parameters(self.weight, from_weights)
         self.quantized = True
 
     def shard_column(self, dp: int, mp: int) -> None:

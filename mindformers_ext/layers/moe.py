@@ -17,6 +17,11 @@ inter) in HF's [out, in] layout per expert. Two exact computations, chosen by ``
   shards over experts (expert parallel) like MindFormers' MoE;
 * ``decode`` (a few tokens): the k chosen experts' weights are gathered per token and applied as a
   batched matmul, so a decode step reads k experts per token instead of all E.
+
+W8A16 (:meth:`RoutedExperts.quantize_w8a16`) stores the stacked weights as int8 with one float32
+scale per expert and output feature (``w1_scale`` / ``w3_scale`` (E, inter), ``w2_scale`` (E, hidden));
+the batched matmuls run on the int8 values and their outputs are multiplied by the scales (the
+decode path gathers the chosen experts' scales with their weights).
 """
 from __future__ import annotations
 
@@ -112,6 +117,8 @@ class RoutedExperts(ShardedCell):
     """E SwiGLU experts with stacked weights ``ffn.w1`` / ``ffn.w3`` (E, inter, hidden), ``ffn.w2``
     (E, hidden, inter) — the parameter names are ``w1``, ``w2``, ``w3`` of this cell."""
 
+    W8A16_WEIGHTS = ("w1", "w2", "w3")  # what quantize_w8a16 turns into int8 (+ "<name>_scale")
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, compute_dtype: str = "float32",
                  param_init_type: str = "float32", init_std: float = 0.02, top_k: int = 1) -> None:
         super().__init__()
@@ -138,6 +145,21 @@ class RoutedExperts(ShardedCell):
         self.gate_k = ops.BatchMatMul(transpose_b=True)
         self.down_k = ops.BatchMatMul(transpose_b=True)
         self.cast = ops.Cast()
+        self.quantized = False
+
+    def quantize_w8a16(self, from_weights: bool = True) -> None:
+        """int8 w1 / w2 / w3 with per-expert, per-output-feature scales (weight-only);
+        ``from_weights=False``: int8 zeros and unit scales, a layout to load an int8 checkpoint into."""
+        from mindformers_ext.quant import int8_parameters  # pylint: disable=import-outside-toplevel
+
+        self.w1, self.w1_scale = int8_parameters(self.w1, from_weights)
+        self.w3, self.w3_scale = int8_parameters(self.w3, from_weights)
+        self.w2, self.w2_scale = int8_parameters(self.w2, from_weights)
+        self.quantized = True
+
+    def _scaled(self, out, scale):
+        """``out`` (experts or tokens, rows, features) times ``scale`` (experts or tokens, features)."""
+        return out * ops.expand_dims(self.cast(scale, self.compute_dtype), 1)
 
     def shard(self, dp: int, mp: int, ep: int = 1) -> None:
         """Experts split over expert parallel, tokens over the rest of data parallel, the intermediate
@@ -175,10 +197,15 @@ class RoutedExperts(ShardedCell):
                                  (self.num_experts, n, self.hidden_size))
         gate = self.gate_all(x_all, self.cast(self.w1, self.compute_dtype))
         up = self.up_all(x_all, self.cast(self.w3, self.compute_dtype))
+        if self.quantized:
+            gate, up = self._scaled(gate, self.w1_scale), self._scaled(up, self.w3_scale)
         act = self.mul_up(self.mul_act(gate, self.sigmoid(gate)), up)
         route = self.cast(ops.expand_dims(ops.transpose(routing, (1, 0)), -1), self.compute_dtype)  # (E, N, 1)
         act = self.mul_route(act, route)
-        return self.sum_experts(self.down_all(act, self.cast(self.w2, self.compute_dtype)), 0)
+        out = self.down_all(act, self.cast(self.w2, self.compute_dtype))
+        if self.quantized:
+            out = self._scaled(out, self.w2_scale)
+        return self.sum_experts(out, 0)
 
     def decode(self, x, indices, weights):
         """x (N, hidden), indices / weights (N, k) -> (N, hidden), reading only the chosen experts."""
@@ -190,8 +217,14 @@ class RoutedExperts(ShardedCell):
         xk = ops.reshape(ops.broadcast_to(ops.expand_dims(self.cast(x, self.compute_dtype), 1),
                                           (n, k, self.hidden_size)), (n * k, 1, self.hidden_size))
         gate = self.gate_k(xk, w1)
-        act = gate * ops.sigmoid(gate) * self.up_k(xk, w3)
+        up = self.up_k(xk, w3)
+        if self.quantized:
+            gate = self._scaled(gate, self.gather(self.w1_scale, flat, 0))  # (N*k, 1, inter)
+            up = self._scaled(up, self.gather(self.w3_scale, flat, 0))
+        act = gate * ops.sigmoid(gate) * up
         out = self.down_k(act, w2)  # (N*k, 1, hidden)
+        if self.quantized:
+            out = self._scaled(out, self.gather(self.w2_scale, flat, 0))
         out = out * self.cast(ops.reshape(weights, (n * k, 1, 1)), self.compute_dtype)
         return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
 

@@ -173,6 +173,9 @@ class TextGenerator:
             the newest checkpoint in it whose weights fit the model.
         random_weights: allow running without any checkpoint (randomly initialised weights; a
             warning is printed every time). Without it a missing checkpoint is an error.
+        quant: ``"w8a16"``: int8 weights for the linear layers (``run_mindformer.py --quant w8a16``): a
+            checkpoint written by ``convert_weight.py --quant w8a16`` loads as it is, a float one is
+            quantized after loading (:func:`mindformers_ext.quant.load_checkpoint_w8a16`).
         batch_size: prompts per ``generate`` call (None: all the prompts of a call at once; prompts
             of different lengths share a batch without padding waste beyond the longest).
         **gen_kwargs: defaults for ``generate`` (``max_new_tokens``, ``do_sample``, ``top_k``, ...),
@@ -181,7 +184,8 @@ class TextGenerator:
     """
 
     def __init__(self, config: MindFormerConfig, load_checkpoint: Optional[str] = None,
-                 batch_size: Optional[int] = 1, random_weights: bool = False, **gen_kwargs: Any) -> None:
+                 batch_size: Optional[int] = 1, random_weights: bool = False, quant: Optional[str] = None,
+                 **gen_kwargs: Any) -> None:
         # pylint: disable=import-outside-toplevel
         from mindformers import pipeline
         from mindformers.models.build_tokenizer import build_tokenizer
@@ -206,7 +210,15 @@ class TextGenerator:
         config.model.model_config.checkpoint_name_or_path = ""
         self.network = build_network(config.model)
         self.network.set_train(False)
-        if source:
+        if quant:
+            from mindformers_ext.quant import check_method, load_checkpoint_w8a16, quantize_model
+
+            check_method(quant)
+            if source:
+                load_checkpoint_w8a16(self.network, source, current_rank(), what, quant)
+            else:
+                quantize_model(self.network, quant)
+        elif source:
             load_weights(self.network, source, current_rank(), what)
         self.pipeline = pipeline(task="text_generation", model=self.network, tokenizer=self.tokenizer)
 
