@@ -15,6 +15,9 @@ TextGenerator` and so the API and the eval harness, the MindIR exporter) loads w
   matches the model is loaded; when none does, the error lists every candidate and why it was
   rejected (so a shared ``output/checkpoint`` folder never silently loads another model's file).
 
+With ``--strict_load False`` (:func:`set_strict_load`), weights the model does not have are allowed:
+they are left unloaded and a warning lists them. Missing and mis-shaped weights stay errors.
+
 Only the file headers are read to decide (``.ckpt`` protobuf headers and safetensors JSON headers),
 so choosing among large checkpoints costs no tensor reads.
 
@@ -31,15 +34,27 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 __all__ = ["CheckpointError", "MatchReport", "checkpoint_index", "model_parameters", "compare",
            "candidate_groups", "select_checkpoint", "load_checkpoint_into", "current_rank", "weights_source",
-           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES"]
+           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES", "set_strict_load", "strict_load"]
 
 # Names under which optimizers / wrappers store per-parameter state: ``<prefix><parameter name>``.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "exp_avg.", "exp_avg_sq.",
                       "accu_grads.", "accumulated_grads.")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SKIPPED_FILES = ("hyper_param.safetensors",)
+_STRICT = {"load": True}
 RANDOM_WEIGHTS_WARNING = ("WARNING: {who}: no checkpoint given (--random_weights): the model has randomly "
                           "initialised weights and its output is meaningless")
+
+
+def set_strict_load(strict: bool) -> None:
+    """Whether this process refuses checkpoints with weights the model lacks (the default) or loads them
+    with a warning (``run_mindformer.py --strict_load False``)."""
+    _STRICT["load"] = bool(strict)
+
+
+def strict_load() -> bool:
+    """The setting of :func:`set_strict_load` (True unless ``--strict_load False``)."""
+    return _STRICT["load"]
 
 
 class CheckpointError(ValueError):
@@ -58,6 +73,11 @@ class MatchReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.wrong_shape or self.unexpected)
+
+    @property
+    def fits(self) -> bool:
+        """Every parameter has a weight of its shape (there may be weights the model lacks)."""
+        return not (self.missing or self.wrong_shape)
 
     def describe(self, total: int, limit: int = 4) -> str:
         """One line: what is wrong, with the first few names of each kind."""
@@ -180,10 +200,12 @@ def _label(group: Sequence[str]) -> str:
 
 
 def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str = "load_checkpoint",
-                      model: str = "the model") -> list:
+                      model: str = "the model", strict: Optional[bool] = None) -> list:
     """The file(s) of ``path`` whose weights fit ``expected`` (``{name: shape}``); see the module docstring.
 
     ``what`` names the config field or flag the path came from, ``model`` the model, in messages.
+    ``strict`` (default: :func:`strict_load`): weights that ``expected`` lacks are an error; when False
+    they are allowed, and a warning names the file and lists them.
     """
     from mindformers.tools.logger import logger  # pylint: disable=import-outside-toplevel
 
@@ -194,25 +216,33 @@ def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str 
     if not groups:
         raise CheckpointError(f"{what} {path!r}: no .ckpt or .safetensors file in "
                               f"{_checkpoint_dir(path, rank_id)}")
+    strict = strict_load() if strict is None else strict
     reasons = []
+    extra_only = False  # a candidate that only fails for weights the model lacks
     for group in groups:
         try:
             report = compare(expected, _group_index(group))
         except CheckpointError as exc:
             reasons.append((group, f"unreadable: {exc}"))
             continue
-        if report.ok:
+        if report.fits and (report.ok or not strict):
+            if report.unexpected:
+                logger.warning("%s %s holds %d weights that %s does not have; loading it without them "
+                               "(--strict_load False): %s", what, _label(group), len(report.unexpected), model,
+                               ", ".join(report.unexpected))
             if os.path.isdir(path) and len(groups) > 1:
                 logger.info("%s %s: loading %s, the newest of %d candidates that fits %s", what, path,
                             _label(group), len(groups), model)
             return list(group)
+        extra_only = extra_only or report.fits
         reasons.append((group, report.describe(len(expected))))
+    hint = "; to load it without the weights the model lacks, pass --strict_load False" if extra_only else ""
     if os.path.isfile(path):
         raise CheckpointError(f"{what} {path} does not fit {model}: {reasons[0][1]} (does the YAML's "
-                              "model_config match the checkpoint?)")
+                              f"model_config match the checkpoint?){hint}")
     listing = "\n".join(f"  {_label(g)}: {why}" for g, why in reasons)
     raise CheckpointError(f"{what} {path}: none of its {len(reasons)} candidate checkpoints fits {model} "
-                          f"({len(expected)} parameters); pass the file to load:\n{listing}")
+                          f"({len(expected)} parameters); pass the file to load{hint}:\n{listing}")
 
 
 def current_rank() -> int:
@@ -228,8 +258,9 @@ def current_rank() -> int:
 def load_checkpoint_into(network, path: str, rank_id: Optional[int] = None, what: str = "load_checkpoint") -> list:
     """Load the checkpoint that ``path`` (file or directory) stands for into ``network``.
 
-    Every parameter must get a weight of its shape (see :func:`select_checkpoint`); weights of another
-    dtype are cast (a bfloat16 checkpoint into a float32 model on CPU). Returns the files read.
+    Every parameter must get a weight of its shape, and the checkpoint may hold no weight the model lacks
+    unless ``--strict_load False`` (see :func:`select_checkpoint`); weights of another dtype are cast (a
+    bfloat16 checkpoint into a float32 model on CPU). Returns the files read.
     """
     # pylint: disable=import-outside-toplevel
     import mindspore as ms
@@ -254,6 +285,10 @@ def load_checkpoint_into(network, path: str, rank_id: Optional[int] = None, what
         loaded.update(ms.load_checkpoint(file, format=fmt, choice_func=lambda name: name in params))
     for name, value in list(loaded.items()):
         if value.dtype != params[name].dtype:
+            if ms.int8 in (value.dtype, params[name].dtype):  # int8 values mean nothing without their scales
+                raise CheckpointError(f"{what} {', '.join(files)}: weight {name!r} is {value.dtype}, the model's "
+                                      f"parameter {params[name].dtype}; a w8a16 checkpoint (convert_weight.py "
+                                      "--quant w8a16) loads with run_mindformer.py --quant w8a16")
             loaded[name] = ms.Parameter(ops.cast(value, params[name].dtype), name=name)
     ms.load_param_into_net(network, loaded, strict_load=True)
     logger.info("%s: loaded %d weights from %s", what, len(loaded), ", ".join(files))

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--use_parallel", type=str2bool, default=None, help="distributed run (launch with msrun_launcher.sh)")
     add("--load_checkpoint", default=None,
         help="checkpoint file (.ckpt / .safetensors) or directory (rank_N/ sub-directories) to load")
+    add("--strict_load", type=str2bool, default=True,
+        help="True (default): a checkpoint holding weights the model does not have is an error; False: load "
+             "it anyway, without them, with a warning listing them")
     add("--load_ckpt_format", default=None, choices=("ckpt", "safetensors"),
         help="default: from the load_checkpoint file names")
     add("--src_strategy_path_or_dir", default=None, help="strategy of a distributed load_checkpoint")
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--random_weights", action="store_true",
         help="predict without a checkpoint, with randomly initialised weights (a warning is printed); "
              "without this flag a predict run that names no checkpoint is an error")
+    add("--quant", choices=("w8a16",), default=None,  # mindformers_ext.quant.QUANT_METHODS (not imported here)
+        help="predict with int8 weights: w8a16 = weight-only int8, per-output-channel scales, for the linear "
+             "layers and MoE experts; loads a convert_weight.py --quant w8a16 checkpoint as it is, or quantizes a "
+             "float one after loading")
     add("--streamer", action="store_true", help="print the text of each prompt as it is generated")
     add("--fim_suffix", default=None,
         help="fill-in-the-middle: --predict_data holds the prefix(es), this the code after the hole; "

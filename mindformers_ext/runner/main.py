@@ -64,7 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mindformers.tools.logger import logger
     from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config, check_types
     from mindformers_ext.runner.context import ensure_context
+    from mindformers_ext.checkpoint import set_strict_load
 
+    set_strict_load(args.strict_load)
     if args.register_path:
         register_path(args.register_path)
     try:
@@ -75,6 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"run_mindformer.py: error: {exc}", file=sys.stderr)
         return 2
     logger.info("run_mode %s on %s with %s", config.run_mode, target, config.config_path)
+    if getattr(args, "quant", None) and config.run_mode != "predict":
+        print(f"run_mindformer.py: error: --quant {args.quant} applies to --run_mode predict (weight-only int8 "
+              f"inference), not {config.run_mode}", file=sys.stderr)
+        return 2
     ensure_context(config)
     from mindformers_ext.checkpoint import CheckpointError
     from mindformers_ext.runner.train import DataError
@@ -143,7 +149,8 @@ def run_predict(config, args: argparse.Namespace) -> int:
         os.remove(results)  # never leave an older run's results to be read as this run's
         logger.info("removed the previous %s", results)
     generator = TextGenerator(config, batch_size=config.get("predict_batch_size") or 1,
-                              random_weights=bool(getattr(args, "random_weights", False)), **predict_options(args))
+                              random_weights=bool(getattr(args, "random_weights", False)),
+                              quant=getattr(args, "quant", None), **predict_options(args))
     call_options = {}
     if args.fim_suffix is not None:
         prompts, call_options = fim_requests(generator, prompts, args.fim_suffix.replace("\\n", "\n"),

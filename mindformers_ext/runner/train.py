@@ -9,14 +9,17 @@ import re
 from typing import Any, Optional
 
 from mindspore.train.callback import Callback
+from mindformers.core.callback.callback import CheckpointMonitor
 from mindformers.tools.logger import logger
-from mindformers.tools.register import MindFormerConfig
+from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
 __all__ = ["run_train", "run_eval", "DataError", "check_record_lengths", "dataset_files", "LoadWeightsAtTrainBegin",
-           "install_portable_barrier"]
+           "install_portable_barrier", "StepCheckpointMonitor", "run_checkpoints", "choose_resume_checkpoint"]
 
 # records read per data file by the start-up length check (preprocessors write one fixed length)
 RECORDS_CHECKED = 1024
+# the step a checkpoint file name carries: ``<prefix>-<epoch>_<step>.<format>``
+_CKPT_STEP = re.compile(r"-(\d+)_(\d+)\.[a-z]+$")
 
 
 class DataError(ValueError):
@@ -107,6 +110,132 @@ class LoadWeightsAtTrainBegin(Callback):
                     type(network).__name__)
 
 
+def _newest_first(paths: list[str]) -> list[str]:
+    """Most recently written first; files of the same time by the step in their names."""
+    def key(path: str) -> tuple:
+        match = _CKPT_STEP.search(path)
+        return os.path.getmtime(path), int(match.group(2)) if match else -1
+
+    return sorted(paths, key=key, reverse=True)
+
+
+def run_checkpoints(directory: str, prefix: str, fmt: str = "ckpt") -> list[str]:
+    """The checkpoint files that runs with ``prefix`` wrote in ``directory``, newest first: ``<prefix>-E_S.<fmt>``,
+    and ``<prefix>_N-E_S.<fmt>``, the names under which MindSpore wrote resumed runs before
+    :class:`StepCheckpointMonitor`."""
+    if not os.path.isdir(directory):
+        return []
+    pattern = re.compile(re.escape(prefix) + r"(_\d+)?-\d+_\d+\." + re.escape(fmt) + "$")
+    return _newest_first([os.path.join(directory, n) for n in os.listdir(directory) if pattern.match(n)])
+
+
+class StepCheckpointMonitor(CheckpointMonitor):
+    """MindFormers' ``CheckpointMonitor`` with names, rotation and meta.json that hold across resumes.
+
+    ``run_train`` builds it for the YAML's ``type: CheckpointMonitor`` (MindFormers' trainer recognises the
+    callback by that name). Unlike upstream, after a resume:
+
+    * a file is named ``<prefix>_rank_<rank>-<epoch>_<global step>.<format>``, the step it holds (upstream
+      names the step within the epoch counted from the resumed step: its ``-1_40`` held step 90; and it
+      renamed the prefix of every new run, ``..._rank_0_1-...``, when files of the prefix existed);
+    * ``keep_checkpoint_max`` counts every file of the prefix in the directory, those of earlier runs
+      too, and removes the least recently written (upstream counted only the current run's);
+    * checkpoints are written every ``save_checkpoint_steps`` global steps (upstream counted from the
+      resumed step), so an interrupted and resumed run writes the files an uninterrupted one writes;
+    * meta.json's ``last_step`` is the global step of its ``last_ckpt_file``.
+    """
+
+    def __init__(self, prefix: str = "CKP", *args: Any, **kwargs: Any) -> None:
+        super().__init__(prefix, *args, **kwargs)
+        self._prefix = f"{prefix}_rank_{self.rank_id}"  # undo ModelCheckpoint's per-run renaming
+        self._written: Optional[tuple[int, int, str]] = None  # (epoch, global step, name) being written
+
+    def _global_step(self, cb_params: Any) -> int:
+        return int(self._append_step_num + cb_params.cur_step_num)
+
+    def _check_save_ckpt(self, cb_params: Any, force_to_save: bool) -> bool:
+        every = self._config.save_checkpoint_steps
+        if force_to_save or not every or every <= 0:
+            return super()._check_save_ckpt(cb_params, force_to_save)
+        last = self._append_step_num + self._last_triggered_step
+        return self._global_step(cb_params) // every > last // every
+
+    def save_checkpoint(self, cb_params: Any) -> None:
+        step = self._global_step(cb_params)
+        name = f"{self._prefix}-{cb_params.cur_epoch_num}_{step}.{self._config.format}"
+        self._written = (int(cb_params.cur_epoch_num), step, name)
+        keep = self._config.keep_checkpoint_max
+        if keep and keep > 0:
+            target = os.path.join(self._directory, name)
+            older = [f for f in run_checkpoints(self._directory, self._prefix, self._config.format) if f != target]
+            for stale in ([target] if os.path.exists(target) else []) + older[keep - 1:]:
+                os.remove(stale)
+                logger.info("keep_checkpoint_max %d: removed %s", keep, stale)
+        super().save_checkpoint(cb_params)
+        path = os.path.join(self._directory, name)
+        self._latest_ckpt_file_name = path
+        self.save_info_list[cb_params.cur_step_num]["ckpt"]["ckpt_file_path"] = path
+
+    def remove_redundancy(self, network: Any, cur_file: str, append_dict: dict, train_network: Any) -> None:
+        # save_checkpoint writes the resume checkpoint through here (train_network None; the network-only
+        # and trainable-only copies pass theirs): under its global-step name
+        if train_network is None and self._written is not None:
+            cur_file = os.path.join(self._directory, self._written[2])
+        super().remove_redundancy(network, cur_file, append_dict, train_network)
+
+    def record_last_ckpt_to_json(self, epoch: int, step: int, ckpt_file: str) -> None:
+        if self._written is not None:
+            epoch, step, ckpt_file = self._written
+        super().record_last_ckpt_to_json(epoch, step, ckpt_file)
+
+
+def choose_resume_checkpoint(path: str, rank_id: int = 0, fmt: str = "ckpt") -> tuple[str, list[tuple[str, str]]]:
+    """The checkpoint to resume from in directory ``path`` (its ``rank_<rank>`` folder if there is one):
+    the most recently written ``.<fmt>`` file that reads as a whole and holds a ``step_num``. Returns it
+    and the newer files skipped, each with the reason; :class:`CheckpointError` when none qualifies."""
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.checkpoint import CheckpointError, checkpoint_index
+
+    folder = os.path.join(path, f"rank_{rank_id}")
+    folder = folder if os.path.isdir(folder) else path
+    files = _newest_first([os.path.join(folder, n) for n in os.listdir(folder)
+                           if n.endswith(f".{fmt}") and n != "hyper_param.safetensors"
+                           and os.path.isfile(os.path.join(folder, n))])
+    skipped = []
+    for file in files:
+        try:
+            index = checkpoint_index(file)
+        except CheckpointError as exc:
+            skipped.append((file, str(exc)))
+            continue
+        if "step_num" not in index:
+            skipped.append((file, "no step_num in it: not a checkpoint written by training"))
+            continue
+        return file, skipped
+    reasons = "".join(f"\n  {file}: {why}" for file, why in skipped)
+    raise CheckpointError(f"resume_training: no .{fmt} checkpoint in {folder} can be resumed from{reasons}")
+
+
+def _resume_from_newest_good(config: MindFormerConfig, rank_id: int) -> None:
+    """Point a ``resume_training: True`` run whose ``load_checkpoint`` is a directory at the checkpoint
+    :func:`choose_resume_checkpoint` picks, warning about each newer one it skipped (a file, or a file
+    name in ``resume_training``, is taken as given)."""
+    source = config.get("load_checkpoint")
+    if config.get("resume_training") is not True or not source or not os.path.isdir(source):
+        logger.info("resume_training: resuming from %s", os.path.join(source or "", str(config.resume_training))
+                    if isinstance(config.get("resume_training"), str) else source)
+        return
+    chosen, skipped = choose_resume_checkpoint(source, rank_id, config.get("load_ckpt_format") or "ckpt")
+    for file, why in skipped:
+        logger.warning("resume_training: skipped %s, which does not load: %s", file, why)
+    name = os.path.basename(chosen)
+    if os.path.dirname(chosen) == os.path.join(source, f"rank_{rank_id}") and f"_rank_{rank_id}" in name:
+        config.resume_training = name  # MindFormers' own way to name the file: <load_checkpoint>/rank_<rank>/<name>
+    else:
+        config.load_checkpoint = chosen
+    logger.info("resume_training: resuming from %s", chosen)
+
+
 def _portable_barrier():
     """A barrier over all ranks that exists on CPU (MindSpore's ``Barrier`` op does not)."""
     from mindspore import mint  # pylint: disable=import-outside-toplevel
@@ -168,10 +297,12 @@ def run_train(config: MindFormerConfig) -> Any:
 
     Both run modes go through ``Trainer.train()``, which, unlike ``Trainer.finetune()``, honours
     ``resume_training`` (weights, optimizer state, step and loss scale from the checkpoint; the
-    dataset skips the steps already done). Initial weights (``load_checkpoint`` without
-    ``resume_training``) where every rank holds the whole model (one process, or data parallel, which
-    is all CPU runs) are loaded by :class:`LoadWeightsAtTrainBegin`: the newest file that fits the
-    model, every parameter checked; MindFormers loads them otherwise (semi-auto parallel on Ascend).
+    dataset skips the steps already done; from a directory, the newest checkpoint that loads, see
+    :func:`choose_resume_checkpoint`); :class:`StepCheckpointMonitor` writes the checkpoints. Initial
+    weights (``load_checkpoint`` without ``resume_training``) where every rank holds the whole model
+    (one process, or data parallel, which is all CPU runs) are loaded by :class:`LoadWeightsAtTrainBegin`:
+    the newest file that fits the model, every parameter checked; MindFormers loads them otherwise
+    (semi-auto parallel on Ascend).
     """
     # pylint: disable=import-outside-toplevel
     from mindformers import Trainer
@@ -185,13 +316,19 @@ def run_train(config: MindFormerConfig) -> Any:
     if config.get("use_parallel"):
         install_portable_barrier()
     if config.get("resume_training"):
-        logger.info("resuming from %s", source)
+        _resume_from_newest_good(config, current_rank())
     elif source and full_copy_layout(config):
         callbacks.append(LoadWeightsAtTrainBegin(source, current_rank()))
         config.load_checkpoint = ""  # MindFormers must not load (or preload, or reshard) it as well
         config.auto_trans_ckpt = False
-    trainer = Trainer(config, callbacks=callbacks or None)
-    return trainer.train()
+    registry = MindFormerRegister.registry[MindFormerModuleType.CALLBACK]
+    upstream = registry["CheckpointMonitor"]
+    registry["CheckpointMonitor"] = StepCheckpointMonitor
+    try:
+        trainer = Trainer(config, callbacks=callbacks or None)
+        return trainer.train()
+    finally:
+        registry["CheckpointMonitor"] = upstream
 
 
 def run_eval(config: MindFormerConfig) -> dict:
