@@ -102,8 +102,9 @@ class CacheWriter(nn.Cell):
 def read_cache(cache, slot):
     """The cache a decode step attends over: ``cache`` itself, or for a paged pool each row's tokens
     gathered through its table (``slot[1]`` (B, L) pool positions) into (B, H, L, D)."""
-    if isinstance(slot, tuple):
-        return ops.transpose(ops.gather(cache[0], slot[1], 1), (1, 0, 2, 3))
+    if isinstance(slot, tuple):  # (1, H, P, D) -> (1, H, B, L, D) -> (B, H, L, D); no slice of the pool (a copy)
+        rows = ops.transpose(ops.gather(cache, slot[1], 2), (0, 2, 1, 3, 4))
+        return ops.reshape(rows, rows.shape[1:])
     return cache
 
 
