@@ -6,8 +6,9 @@ Prints JSON lines:
                                    latency p50 / p99
   {"mode": "concurrent", ...}      the same requests arriving at --rate per second (Poisson)
   {"mode": "summary", ...}         throughput ratio; concurrent p99 TTFT / idle p50 TTFT; ids identical
-  {"mode": "memory", ...}          resident memory and free KV blocks before / after --memory_requests
-                                   short requests (a leak would show as growth or missing blocks)
+  {"mode": "memory", ...}          resident memory at the start, half way and the end of --memory_requests
+                                   short requests, and free KV blocks after (a leak shows as growth in both
+                                   halves or missing blocks)
 
     python bench/serve.py                               # demo model, 16 requests x 64 tokens, rate 8/s
     python bench/serve.py --requests 32 --rate 4 --max_tokens 128 --memory_requests 0
@@ -129,17 +130,19 @@ def main(argv=None) -> int:
 
     if args.memory_requests:
         engine = app.state.served.engine
-        rss0 = _rss_mb()
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            texts = list(pool.map(lambda i: client.completions.create(
-                model=name, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=4).choices[0].text,
-                range(args.memory_requests)))
-        while engine.stats()["running"] or engine.stats()["waiting"]:
-            time.sleep(0.05)
+        rss = [round(_rss_mb(), 1)]
+        half = args.memory_requests // 2
+        for count in (half, args.memory_requests - half):  # RSS after each half: a leak keeps growing
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda i: client.completions.create(
+                    model=name, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=4).choices[0].text, range(count)))
+            while engine.stats()["running"] or engine.stats()["waiting"]:
+                time.sleep(0.05)
+            rss.append(round(_rss_mb(), 1))
         stats = engine.stats()
-        print(json.dumps({"bench": "serve", "mode": "memory", "requests": len(texts),
-                          "rss_mb_before": round(rss0, 1), "rss_mb_after": round(_rss_mb(), 1),
-                          "free_blocks": stats["free_blocks"], "num_blocks": stats["num_blocks"]}), flush=True)
+        print(json.dumps({"bench": "serve", "mode": "memory", "requests": args.memory_requests,
+                          "rss_mb_start_half_end": rss, "free_blocks": stats["free_blocks"],
+                          "num_blocks": stats["num_blocks"]}), flush=True)
     server.should_exit = True
     return 0
 
