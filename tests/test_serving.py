@@ -318,3 +318,62 @@ def test_many_requests_leave_no_blocks_behind(server):
         choices = list(pool.map(run, range(200)))
     assert len(choices) == 200 and all(c.finish_reason in ("stop", "length") for c in choices)
     _wait_idle(server)
+
+
+@pytest.mark.slow
+def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
+    """``tools/serve.py --model HF_DIR --quant w8a16 --kv_cache_dtype int8`` as a user starts it: its
+    text and per-token log-probabilities equal generate of ``load_hf_model(HF_DIR, quant="w8a16",
+    kv_cache_dtype="int8")`` in this process, and differ from the float model's (the options apply)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import make_tiny_llama
+    from mindformers_ext import load_hf_model
+    from research.deepseek1_5 import DeepSeekCoderTokenizer
+
+    hf_dir = str(tmp_path / "hf")
+    make_tiny_llama(hf_dir, vocab_size=102400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    max_position_embeddings=256, bos_token_id=100000, eos_token_id=100001, pad_token_id=100001)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(REPO, "mindformers_ext", "tokenizers", "data", "deepseek-llm", name), hf_dir)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "serve.py"), "--model", hf_dir, "--quant",
+                             "w8a16", "--kv_cache_dtype", "int8", "--port", str(port), "--log_level", "warning"],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        tokenizer = DeepSeekCoderTokenizer(tokenizer_file=hf_dir)
+        ids = [int(t) for t in tokenizer("def fib(n):", add_special_tokens=True)["input_ids"]]
+
+        def reference(model):
+            out = model.generate([ids], max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True,
+                                 output_logits=True)
+            new = [int(t) for t in out.sequences[0][len(ids):]]
+            logits = np.stack(out.logits)[:, 0].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            return new, np.array([logprobs[i, t] for i, t in enumerate(new)])
+
+        new, expected_lp = reference(load_hf_model(hf_dir, quant="w8a16", kv_cache_dtype="int8"))
+        _, float_lp = reference(load_hf_model(hf_dir))
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        deadline = time.time() + 180
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except Exception:  # pylint: disable=broad-except  # not listening yet
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "tools/serve.py did not start"
+                time.sleep(0.5)
+        assert [m.id for m in models.data] == ["hf"]
+        res = client.completions.create(model="hf", prompt="def fib(n):", max_tokens=12, logprobs=0,
+                                        extra_body={"ignore_eos": True})
+        assert res.choices[0].text == tokenizer.decode(new, skip_special_tokens=True)
+        served_lp = np.array(res.choices[0].logprobs.token_logprobs)
+        assert np.abs(served_lp - expected_lp).max() <= 1e-4
+        assert np.abs(float_lp - expected_lp).max() > 1e-3  # int8 weights and cache do change the numbers
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random_weights", action="store_true", help="serve random weights when no checkpoint is named")
     p.add_argument("--served_model_name", default=None,
                    help="the model name clients send (default: the YAML's trainer.model_name or HF_DIR's name)")
+    p.add_argument("--quant", choices=("w8a16",), default=None,
+                   help="int8 weights (an int8 checkpoint of convert_weight.py --quant loads as stored)")
+    p.add_argument("--kv_cache_dtype", choices=("int8",), default=None,
+                   help="int8 KV cache (per token and head scales); default: the YAML's")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--block_size", type=int, default=16, help="tokens per KV-cache block")
@@ -51,9 +55,9 @@ def load(args: argparse.Namespace):
     from mindformers_ext.serving.loading import load_config_model, load_hf_dir
 
     if args.model:
-        return load_hf_dir(args.model, args.served_model_name)
+        return load_hf_dir(args.model, args.served_model_name, args.quant, args.kv_cache_dtype)
     return load_config_model(args.config or DEFAULT_CONFIG, args.load_checkpoint, args.random_weights,
-                             args.served_model_name)
+                             args.served_model_name, args.quant, args.kv_cache_dtype)
 
 
 def main(argv=None) -> int:

@@ -18,11 +18,15 @@ _HF_TOKENIZERS = {
 
 
 def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, random_weights: bool = False,
-                      name: Optional[str] = None) -> tuple:
-    """(model, tokenizer, name, family) from a predict YAML, loaded as ``run_mindformer.py`` does."""
+                      name: Optional[str] = None, quant: Optional[str] = None,
+                      kv_cache_dtype: Optional[str] = None) -> tuple:
+    """(model, tokenizer, name, family) from a predict YAML, loaded as ``run_mindformer.py`` does
+    (``quant="w8a16"``: int8 weights; ``kv_cache_dtype="int8"``: overrides the YAML's)."""
     from mindformers_ext.api import build_text_generator  # pylint: disable=import-outside-toplevel
 
-    generator = build_text_generator(config_path, load_checkpoint, random_weights=random_weights)
+    overrides = {"model.model_config.kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else None
+    generator = build_text_generator(config_path, load_checkpoint, overrides=overrides,
+                                     random_weights=random_weights, quant=quant)
     config = generator.network.config
     if name is None:
         trainer = _section(_section(_read_yaml(config_path), "trainer"), "model_name")
@@ -30,7 +34,8 @@ def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, r
     return generator.network, generator.tokenizer, name, config.model_type
 
 
-def load_hf_dir(hf_dir: str, name: Optional[str] = None) -> tuple:
+def load_hf_dir(hf_dir: str, name: Optional[str] = None, quant: Optional[str] = None,
+                kv_cache_dtype: Optional[str] = None) -> tuple:
     """(model, tokenizer, name, family) from an HF checkpoint directory."""
     from mindformers_ext.hf_loader import load_hf_model, read_hf_config  # pylint: disable=import-outside-toplevel
 
@@ -38,7 +43,7 @@ def load_hf_dir(hf_dir: str, name: Optional[str] = None) -> tuple:
     if model_type not in _HF_TOKENIZERS:
         raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: model_type {model_type!r} is not supported; "
                          f"expected one of {sorted(_HF_TOKENIZERS)}")
-    model = load_hf_model(hf_dir)
+    model = load_hf_model(hf_dir, quant=quant, **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else {}))
     module, cls = _HF_TOKENIZERS[model_type]
     tokenizer = getattr(importlib.import_module(module), cls)(tokenizer_file=hf_dir)
     return model, tokenizer, name or os.path.basename(os.path.normpath(hf_dir)), model.config.model_type
