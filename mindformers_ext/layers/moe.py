@@ -9,12 +9,17 @@ The sequence-level balance loss (``seq_aux``) is ``alpha * mean_b sum_e f_be P_b
 without ``seq_aux`` the same over all tokens at once.
 
 Expert weights are stacked, one tensor per projection: w1 / w3 (E, inter, hidden), w2 (E, hidden,
-inter) in HF's [out, in] layout per expert. Two exact computations, chosen by ``decode``:
+inter) in HF's [out, in] layout per expert. Three exact computations (no token is ever dropped):
 
-* training, prefill: every expert on every token as two batched matmuls over the
-  expert axis, the intermediate activations multiplied by the (mostly zero) routing weights. This
-  costs E / k times the routed FLOPs but no data-dependent shapes (graph mode, any backend) and
-  shards over experts (expert parallel) like MindFormers' MoE;
+* training, prefill (token dispatch): the N * k (token, expert) assignments are laid out expert by
+  expert in blocks of ``b = ceil(N * k / E)`` rows (each expert's rows padded to whole blocks, so at
+  most ``2E`` blocks), every block multiplied by its expert's weights (gathered per block) in one
+  batched matmul, and the rows gathered back and weighted. Static shapes for a given N (graph mode,
+  dynamic N); the compute grows with N * k (at most 2 N k rows), not with E;
+* the same with expert parallel or model parallel (a semi-auto-parallel layout on Ascend): every
+  expert on every token as batched matmuls over the expert axis with the routing weights (mostly
+  zero) multiplied in. E / k times the routed FLOPs, but it splits over experts like MindFormers'
+  MoE and its strategies are the recorded ones;
 * ``decode`` (a few tokens): the k chosen experts' weights are gathered per token and applied as a
   batched matmul, so a decode step reads k experts per token instead of all E.
 
@@ -146,6 +151,7 @@ class RoutedExperts(ShardedCell):
         self.down_k = ops.BatchMatMul(transpose_b=True)
         self.cast = ops.Cast()
         self.quantized = False
+        self.token_dispatch = True  # False once shard() sets an expert / model parallel layout
 
     def quantize_w8a16(self, from_weights: bool = True) -> None:
         """int8 w1 / w2 / w3 with per-expert, per-output-feature scales (weight-only);
@@ -172,6 +178,8 @@ class RoutedExperts(ShardedCell):
             problems.append(f"expert_parallel ({ep}) must divide n_routed_experts ({self.num_experts})")
         if problems:
             raise ParallelCheckError(problems)
+        self.token_dispatch = ep == 1 and mp == 1 and ms.get_auto_parallel_context("parallel_mode") not in (
+            "semi_auto_parallel", "auto_parallel")
         tokens_dp = dp // ep
         e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
         x_all = (e, "B*S", h)
@@ -190,7 +198,48 @@ class RoutedExperts(ShardedCell):
         # decode: the chosen experts' weights are gathered (replicated over experts, split on features)
         self.shard_op("gather", self.gather, ((1, mp, 1), (dp,)), (w_in, (f"B*S*{self.top_k}",)))
 
-    def construct(self, x, routing):
+    def construct(self, x, indices, weights):
+        """x (N, hidden), chosen experts ``indices`` (N, k) with their ``weights`` (N, k) -> (N, hidden)."""
+        if self.token_dispatch:
+            return self._dispatched(x, indices, weights)
+        chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
+        return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
+
+    def _dispatched(self, x, indices, weights):
+        """Token dispatch in expert-sorted blocks (see the module docstring)."""
+        n, k = indices.shape
+        e = self.num_experts
+        assignments = n * k
+        rows = (assignments + e - 1) // e  # rows per block
+        blocks = 2 * e  # >= sum_e ceil(n_e / rows)
+        flat = ops.reshape(indices, (assignments,))
+        onehot = ops.one_hot(flat, e, ops.ones((), ms.int32), ops.zeros((), ms.int32))  # (A, E)
+        per_expert = (onehot.sum(0) + rows - 1) // rows  # blocks of each expert
+        end = ops.cumsum(per_expert, 0)
+        rank = (ops.cumsum(onehot, 0) * onehot).sum(-1) - 1  # the assignment's place among its expert's
+        dest = ops.gather(end - per_expert, flat, 0) * rows + rank  # (A,) row in the block layout
+        token = ops.floor_divide(ops.arange(assignments, dtype=ms.int32), k)
+        x = self.cast(x, self.compute_dtype)
+        layout = ops.tensor_scatter_update(ops.zeros((blocks * rows, self.hidden_size), x.dtype),
+                                           ops.expand_dims(dest, -1), ops.gather(x, token, 0))
+        # block j belongs to the expert whose blocks end after it (unused blocks: the last expert, rows of 0)
+        owner = (ops.expand_dims(end, 0) <= ops.expand_dims(ops.arange(blocks, dtype=ms.int32), -1)).astype(
+            ms.int32).sum(-1)
+        owner = ops.minimum(owner, e - 1)
+        xb = ops.reshape(layout, (blocks, rows, self.hidden_size))
+        gate = self.gate_k(xb, self.cast(self.gather(self.w1, owner, 0), self.compute_dtype))
+        up = self.up_k(xb, self.cast(self.gather(self.w3, owner, 0), self.compute_dtype))
+        if self.quantized:
+            gate = self._scaled(gate, self.gather(self.w1_scale, owner, 0))
+            up = self._scaled(up, self.gather(self.w3_scale, owner, 0))
+        out = self.down_k(gate * ops.sigmoid(gate) * up, self.cast(self.gather(self.w2, owner, 0), self.compute_dtype))
+        if self.quantized:
+            out = self._scaled(out, self.gather(self.w2_scale, owner, 0))
+        out = ops.gather(ops.reshape(out, (blocks * rows, self.hidden_size)), dest, 0)
+        out = out * self.cast(ops.reshape(weights, (assignments, 1)), self.compute_dtype)
+        return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
+
+    def _all_experts(self, x, routing):
         """x (N, hidden), routing (N, E) weights (zero for experts not chosen) -> (N, hidden)."""
         n = x.shape[0]
         x_all = ops.broadcast_to(ops.expand_dims(self.cast(x, self.compute_dtype), 0),
@@ -260,11 +309,6 @@ class DeepSeekMoE(ShardedCell):
         if self.has_shared:
             self.shared_experts.shard(dp, mp)
 
-    def _dense_routing(self, indices, weights):
-        """(N, E) routing weights: w_k at each chosen expert, 0 elsewhere."""
-        chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
-        return (chosen * ops.expand_dims(weights, -1)).sum(1)
-
     def construct(self, x, decode=False):
         """x (B, S, hidden) -> (output, aux loss). ``decode`` (a few tokens, inference) reads only the
         chosen experts' weights; otherwise every expert runs on the tokens routed to it."""
@@ -274,7 +318,7 @@ class DeepSeekMoE(ShardedCell):
         if decode:
             routed = self.ffn.decode(tokens, indices, weights)
         else:
-            routed = self.ffn(tokens, self._dense_routing(indices, weights))
+            routed = self.ffn(tokens, indices, weights)
         out = ops.reshape(self.cast(routed, x.dtype), (bs, seq, self.hidden_size))
         if self.has_shared:
             out = out + self.shared_experts(x)
