@@ -1,5 +1,6 @@
 """W8A16 weight-only int8 (mindformers_ext/quant.py): exact against float models on the dequantised
 weights, a quarter of the bytes, and a small held-out loss change on the trained demo model."""
+import inspect
 import json
 import math
 import os
@@ -287,3 +288,119 @@ def test_w8a16_weights_take_at_most_027x_their_float32_bytes():
                                               DeepSeekCoderConfig.from_preset("deepseek-coder-7b-v1.5")))
     assert sizes["linear_w8a16_bytes"] <= 0.27 * sizes["linear_float32_bytes"]
     assert sizes["checkpoint_w8a16_bytes"] <= 0.35 * sizes["checkpoint_float32_bytes"], sizes
+
+
+# --- fused_quant_matmul: Ascend's WeightQuantBatchMatmul, checked without running the kernel ---------------
+
+# WeightQuantBatchMatmul's inputs in order (MindSpore 2.9's primitive; CANN's aclnnWeightQuantBatchMatmulV2):
+# y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias, x (m, k) float16 / bfloat16, weight int8
+# (k, n) -- given as (n, k) with transpose_weight --, per-channel antiquant_scale (n,) or (1, n) in x's dtype,
+# antiquant_offset shaped like the scale, quant_scale / quant_offset only to quantize the output to int8.
+WQBMM_INPUTS = ("x", "weight", "antiquant_scale", "antiquant_offset", "quant_scale", "quant_offset", "bias")
+WQBMM_ATTRS = ("transpose_x", "transpose_weight", "antiquant_group_size")
+
+
+def _wqbmm_reference(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
+                     transpose_x, transpose_weight, antiquant_group_size):
+    """The kernel's documented formula in float32 numpy, after asserting its documented input rules for the
+    per-channel, non-quantized-output case the fused Linear uses."""
+    assert x.ndim == 2 and x.dtype in (ms.float16, ms.bfloat16), (x.shape, x.dtype)
+    assert weight.ndim == 2 and weight.dtype == ms.int8, (weight.shape, weight.dtype)
+    assert not transpose_x and antiquant_group_size == 0 and quant_scale is None and quant_offset is None
+    x_mk = x.asnumpy().astype(np.float32)
+    w_kn = weight.asnumpy().astype(np.float32)
+    w_kn = w_kn.T if transpose_weight else w_kn
+    assert w_kn.shape[0] == x_mk.shape[1], ("k differs", x.shape, weight.shape, transpose_weight)
+    n = w_kn.shape[1]
+    assert tuple(antiquant_scale.shape) in ((n,), (1, n)) and antiquant_scale.dtype == x.dtype, \
+        (antiquant_scale.shape, antiquant_scale.dtype, n)
+    offset = 0.0 if antiquant_offset is None else antiquant_offset.asnumpy().astype(np.float32).reshape(-1)
+    out = x_mk @ ((w_kn + offset) * antiquant_scale.asnumpy().astype(np.float32).reshape(-1))
+    return out if bias is None else out + bias.asnumpy().astype(np.float32)
+
+
+class _WqbmmStandIn(ms.nn.Cell):
+    """The kernel's formula in CPU ops for the per-channel, transpose_weight, no-offset call (its graph-mode slot)."""
+
+    def construct(self, x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias):
+        return ms.ops.matmul(x, ms.ops.cast(weight, x.dtype).T * antiquant_scale)
+
+
+class _TwoLinears(ms.nn.Cell):
+    def __init__(self, compute_dtype: str = "float16") -> None:
+        super().__init__()
+        from mindformers_ext.layers.linear import Linear
+
+        self.up = Linear(8, 12, has_bias=True, compute_dtype=compute_dtype)
+        self.down = Linear(12, 8, compute_dtype=compute_dtype)
+
+
+def test_fused_quant_matmul_is_off_on_cpu_and_forcing_it_names_the_switch():
+    """On CPU the switch defaults off (the portable int8 matmul), and forcing it raises before any weight
+    changes, naming the switch and the device target."""
+    assert ms.get_context("device_target") == "CPU"
+    model = _TwoLinears()
+    with pytest.raises(ValueError, match=r"fused_quant_matmul=True needs device_target 'Ascend'.*'CPU'"):
+        quantize_model(model, fused_quant_matmul=True)
+    assert model.up.weight.dtype == ms.float32 and not model.up.quantized  # nothing half-quantized
+    with pytest.raises(TypeError, match="fused_quant_matmul must be True, False or None"):
+        quantize_model(model, fused_quant_matmul="yes")
+    report = quantize_model(model)
+    assert report["linears"] == 2 and report["fused"] == 0
+    assert model.up.weight.dtype == ms.int8 and not model.up.fused_quant_matmul
+    assert not hasattr(model.up, "fused_matmul")
+
+
+def test_fused_quant_matmul_builds_the_kernel_with_arguments_that_fit_its_signature(monkeypatch):
+    """With the device target reported as Ascend (the kernel itself is not run): automatic switch on for a
+    float16 Linear, WeightQuantBatchMatmul built with transpose_weight on our [out, in] int8 weight, the
+    arguments the layer passes fit the primitive's input order and the documented shapes / dtypes and give
+    the portable path's result; the kernel takes the matmul's shard strategy; float32 compute stays
+    portable, and forcing it there names the switch."""
+    from mindspore.ops.auto_generate import WeightQuantBatchMatmul
+
+    from mindformers_ext import quant
+
+    monkeypatch.setattr(quant, "device_target", lambda: "Ascend")
+    assert tuple(inspect.signature(WeightQuantBatchMatmul.__call__).parameters)[1:] == WQBMM_INPUTS
+    assert tuple(inspect.signature(WeightQuantBatchMatmul.__init__).parameters)[1:] == WQBMM_ATTRS
+
+    fused, portable = _TwoLinears(), _TwoLinears()
+    rng = np.random.default_rng(7)
+    for f, p in ((fused.up, portable.up), (fused.down, portable.down)):
+        w = ms.Tensor(rng.normal(size=p.weight.shape).astype(np.float32))
+        f.weight.set_data(w)
+        p.weight.set_data(w)
+    bias = ms.Tensor(rng.normal(size=(12,)).astype(np.float32))
+    fused.up.bias.set_data(bias)
+    portable.up.bias.set_data(bias)
+    fused.up.shard_column(2, 4)
+    report = quantize_model(fused)  # automatic: on
+    quantize_model(portable, fused_quant_matmul=False)
+    assert report["fused"] == 2 and portable.up.quantized and not portable.up.fused_quant_matmul
+
+    layer = fused.up
+    assert layer.fused_quant_matmul and isinstance(layer.fused_matmul, WeightQuantBatchMatmul)
+    attrs = {name: getattr(layer.fused_matmul, name) for name in WQBMM_ATTRS}
+    assert attrs == {"transpose_x": False, "transpose_weight": True, "antiquant_group_size": 0}
+    assert [(s.op, s.strategy) for s in layer.shard_specs if s.op == "fused_matmul"] == \
+        [("fused_matmul", ((2, 1), (4, 1), (4,)))]
+
+    x = ms.Tensor(rng.normal(size=(2, 3, 8)).astype(np.float32))
+    args = layer.fused_matmul_args(x)
+    assert len(args) == len(WQBMM_INPUTS)
+    assert args[0].shape == (6, 8) and args[1].shape == (12, 8) and args[2].shape == (12,)
+    expected = portable.up(x).asnumpy().astype(np.float32).reshape(6, 12)
+    reference = _wqbmm_reference(*args, **attrs) + bias.asnumpy()
+    np.testing.assert_allclose(reference, expected, rtol=1e-2, atol=1e-2)
+
+    # construct (graph mode) routes through the kernel's slot with those arguments, then adds the bias
+    monkeypatch.setattr(layer, "fused_matmul", _WqbmmStandIn())
+    np.testing.assert_allclose(layer(x).asnumpy().astype(np.float32).reshape(6, 12), expected, rtol=1e-2, atol=1e-2)
+
+    float32 = _TwoLinears("float32")
+    assert quantize_model(float32)["fused"] == 0 and not float32.up.fused_quant_matmul
+    with pytest.raises(ValueError, match="fused_quant_matmul=True needs a float16 or bfloat16 compute_dtype.*Float32"):
+        _TwoLinears("float32").up.quantize_w8a16(fused_quant_matmul=True)
+    with pytest.raises(ValueError, match="compute_dtype.*Linear 'up' computes in Float32"):
+        quantize_model(_TwoLinears("float32"), fused_quant_matmul=True)

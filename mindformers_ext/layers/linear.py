@@ -1,9 +1,12 @@
 """Dense projection with an HF-shaped weight ([out, in]) and column / row parallel strategies."""
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 from mindspore import Parameter, ops
 from mindspore.common.initializer import Normal, Zero, initializer
+from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
 from mindformers_ext.parallel.shard import ShardedCell
 
@@ -18,7 +21,9 @@ class Linear(ShardedCell):
 
     The weight keeps HF's [out_features, in_features] layout so checkpoints map one to one. After
     :meth:`quantize_w8a16` the weight is int8 with one float scale per output feature
-    (``weight_scale``) and ``y = (x @ q^T) * scale + b``, the same as ``x @ (q * scale)^T``.
+    (``weight_scale``) and ``y = (x @ q^T) * scale + b``, the same as ``x @ (q * scale)^T``; with
+    ``fused_quant_matmul`` (Ascend) one ``WeightQuantBatchMatmul`` computes ``x @ (q * scale)^T`` on
+    the same two parameters (:meth:`fused_matmul_args`).
     """
 
     W8A16_WEIGHTS = ("weight",)  # what quantize_w8a16 turns into int8 (+ "<name>_scale")
@@ -39,27 +44,62 @@ class Linear(ShardedCell):
         self.cast = ops.Cast()
         self.reshape = ops.Reshape()
         self.quantized = False
+        self.fused_quant_matmul = False
 
-    def quantize_w8a16(self, from_weights: bool = True) -> None:
+    def quantize_w8a16(self, from_weights: bool = True, fused_quant_matmul: Optional[bool] = None) -> None:
         """Replace the float weight by int8 with symmetric per-output-feature scales (weight-only);
-        ``from_weights=False``: int8 zeros and unit scales, a layout to load an int8 checkpoint into."""
-        from mindformers_ext.quant import int8_parameters  # pylint: disable=import-outside-toplevel
+        ``from_weights=False``: int8 zeros and unit scales, a layout to load an int8 checkpoint into.
 
+        ``fused_quant_matmul``: run Ascend's fused ``WeightQuantBatchMatmul`` instead of the portable
+        int8 matmul + scale multiply; None = on exactly on Ascend with a float16 / bfloat16 compute
+        dtype, True elsewhere raises (:func:`mindformers_ext.quant.use_fused_quant_matmul`)."""
+        # pylint: disable=import-outside-toplevel
+        from mindformers_ext.quant import int8_parameters, use_fused_quant_matmul
+
+        fused = use_fused_quant_matmul(fused_quant_matmul, self.compute_dtype)
         self.weight, self.weight_scale = int8_parameters(self.weight, from_weights)
         self.quantized = True
+        if fused:
+            # our [out, in] weight is the kernel's (k, n) weight transposed; per-channel scales: no groups
+            self.fused_matmul = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=True,
+                                                       antiquant_group_size=0)
+            for strategy in [spec.strategy for spec in self.shard_specs if spec.op == "matmul"]:
+                self._shard_fused_matmul(strategy)  # already sharded: the kernel takes the same split
+        self.fused_quant_matmul = fused
+
+    def fused_matmul_args(self, x) -> tuple:
+        """The inputs of ``WeightQuantBatchMatmul(x, weight, antiquant_scale, antiquant_offset, quant_scale,
+        quant_offset, bias)`` for a (batch, seq, in) ``x``: x as (batch * seq, in) in the compute dtype,
+        the int8 weight as stored ([out, in]: the kernel's (k, n) with ``transpose_weight``), the
+        per-output-feature scale (out,) in x's dtype (the kernel's rule), no offset (symmetric), no
+        output quantization and no bias (added afterwards, as on the portable path)."""
+        return (self.reshape(self.cast(x, self.compute_dtype), (-1, self.in_features)), self.weight,
+                self.cast(self.weight_scale, self.compute_dtype), None, None, None, None)
+
+    def _shard_matmul(self, strategy: tuple) -> None:
+        """``strategy`` ((x), (weight)) for the matmul, and the fused kernel when it runs."""
+        self.shard_op("matmul", self.matmul, strategy,
+                      (("B*S", self.in_features), (self.out_features, self.in_features)), tied=(((0, 1), (1, 1)),))
+        if self.fused_quant_matmul:
+            self._shard_fused_matmul(strategy)
+
+    def _shard_fused_matmul(self, strategy: tuple) -> None:
+        """The matmul's ``strategy`` for WeightQuantBatchMatmul, its scale (out,) split as the weight's out axis."""
+        act, weight = strategy
+        self.shard_op("fused_matmul", self.fused_matmul, (act, weight, (weight[0],)),
+                      (("B*S", self.in_features), (self.out_features, self.in_features), (self.out_features,)),
+                      tied=(((0, 1), (1, 1)),))
 
     def shard_column(self, dp: int, mp: int) -> None:
         """Split the output features over model parallel (q/k/v, gate/up, LM head)."""
-        self.shard_op("matmul", self.matmul, ((dp, 1), (mp, 1)),
-                      (("B*S", self.in_features), (self.out_features, self.in_features)), tied=(((0, 1), (1, 1)),))
+        self._shard_matmul(((dp, 1), (mp, 1)))
         if self.has_bias:
             self.shard_op("bias_add", self.bias_add, ((dp, mp), (mp,)),
                           (("B*S", self.out_features), (self.out_features,)))
 
     def shard_row(self, dp: int, mp: int) -> None:
         """Split the input features over model parallel (attention output, down projection)."""
-        self.shard_op("matmul", self.matmul, ((dp, mp), (1, mp)),
-                      (("B*S", self.in_features), (self.out_features, self.in_features)), tied=(((0, 1), (1, 1)),))
+        self._shard_matmul(((dp, mp), (1, mp)))
         if self.has_bias:
             self.shard_op("bias_add", self.bias_add, ((dp, 1), (1,)),
                           (("B*S", self.out_features), (self.out_features,)))
@@ -73,10 +113,13 @@ class Linear(ShardedCell):
 
     def construct(self, x):
         bs, seq, _ = x.shape
-        out = self.matmul(self.reshape(self.cast(x, self.compute_dtype), (-1, self.in_features)),
-                          self.cast(self.weight, self.compute_dtype))
-        if self.quantized:
-            out = out * self.cast(self.weight_scale, self.compute_dtype)
+        if self.fused_quant_matmul:
+            out = self.fused_matmul(*self.fused_matmul_args(x))
+        else:
+            out = self.matmul(self.reshape(self.cast(x, self.compute_dtype), (-1, self.in_features)),
+                              self.cast(self.weight, self.compute_dtype))
+            if self.quantized:
+                out = out * self.cast(self.weight_scale, self.compute_dtype)
         if self.has_bias:
             out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
         return self.reshape(out, (bs, seq, self.out_features))
