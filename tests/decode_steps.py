@@ -118,3 +118,13 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
     assert len(cache.free_blocks) == cache.num_blocks, "blocks leaked"
     sequences = [np.array(p + g, np.int32) for p, g in zip(prompts, generated)]
     return sequences, np.stack([np.stack(row) for row in logits], axis=1)
+
+
+def assert_paged_matches_contiguous(model, prompts: list[list[int]], tolerance: float = 1e-5, steps: int = 24) -> None:
+    """Greedy decoding over the paged cache (rows joining at steps 0, 2 and 5) gives the contiguous
+    cache's ids, and step logits within ``tolerance``."""
+    sequences, logits = generate_with_logits(model, prompts, steps=steps)
+    paged_sequences, paged_logits = paged_greedy_logits(model, prompts, steps=steps, joins=(0, 2, 5))
+    assert [s.tolist() for s in paged_sequences] == [s.tolist() for s in sequences]
+    error = float(np.abs(paged_logits - logits).max())
+    assert error <= tolerance, f"paged vs contiguous step logits differ by {error}"
