@@ -40,7 +40,8 @@ def build_text_generator(config_path: str, load_checkpoint: Optional[str] = None
     """
     os.environ.setdefault("LOG_MF_PATH", os.path.join(os.path.abspath("./output"), "log"))
     # pylint: disable=import-outside-toplevel
-    import mindformers_ext  # noqa: F401  registers every research package
+    from mindformers_ext.families import load_families
+    load_families()  # the research packages' classes in MindFormers' registry
     from mindformers_ext.runner.config import adapt_to_device, build_config
     from mindformers_ext.runner.context import ensure_context
 

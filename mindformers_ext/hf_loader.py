@@ -1,46 +1,16 @@
 """``load_hf_model``: an HF checkpoint directory to the matching registered MindSpore model."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from mindspore import Tensor
 
+from mindformers_ext.families import family_for_hf_model_type
 from mindformers_ext.layers.linear import ms_dtype
 from mindformers_ext.models.base_config import canonical_dtype
-from mindformers_ext.models.gpt_bigcode_config import gpt_bigcode_kwargs_from_hf
-from mindformers_ext.models.llama_hf_config import llama_kwargs_from_hf
-
-
-@dataclass(frozen=True)
-class HFFamily:
-    """How one HF ``model_type`` maps onto our classes and weight map."""
-    module: str
-    model_class: str
-    config_class: str
-    config_from_hf: Callable[[dict, str], dict]
-    weight_map: str
-
-
-def _deepseek2_kwargs_from_hf(hf: dict, source: str) -> dict:
-    # imported on use: research.deepseek2 imports this package
-    from research.deepseek2.deepseek2_hf_config import deepseek2_kwargs_from_hf  # pylint: disable=C0415
-    return deepseek2_kwargs_from_hf(hf, source)
-
-
-# One entry per HF model_type we load; later families add theirs here.
-HF_FAMILIES: dict[str, HFFamily] = {
-    "llama": HFFamily("research.deepseek1_5", "DeepSeekCoderForCausalLM", "DeepSeekCoderConfig",
-                      llama_kwargs_from_hf, "deepseek"),
-    "gpt_bigcode": HFFamily("research.wizardcoder", "WizardCoderForCausalLM", "WizardCoderConfig",
-                            gpt_bigcode_kwargs_from_hf, "wizardcoder"),
-    "deepseek_v2": HFFamily("research.deepseek2", "DeepseekV2ForCausalLM", "DeepseekV2Config",
-                            _deepseek2_kwargs_from_hf, "deepseek2"),
-}
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -54,16 +24,10 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 def build_from_hf_config(hf_config: dict[str, Any], source: str = "config.json", **overrides: Any):
     """(model, family) for an HF config dict, weights left at their random initialisation."""
-    model_type = hf_config.get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of "
-                         f"{sorted(HF_FAMILIES)}")
-    family = HF_FAMILIES[model_type]
-    module = importlib.import_module(family.module)
+    family = family_for_hf_model_type(hf_config.get("model_type"), source)
     kwargs = family.config_from_hf(hf_config, source)
     kwargs.update(overrides)
-    config = getattr(module, family.config_class)(**kwargs)
-    return getattr(module, family.model_class)(config), family
+    return family.model_class(family.config_class(**kwargs)), family
 
 
 def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", quant: Optional[str] = None,

@@ -115,7 +115,8 @@ def test_heldout_loss_far_below_random_init():
     from mindformers.models.build_model import build_network
     from mindformers.tools.register import MindFormerConfig
 
-    import mindformers_ext  # noqa: F401  registers our classes
+    from mindformers_ext import load_families
+    load_families()  # our classes in MindFormers' registry
     from mindformers_ext.runner.predict import load_weights
 
     config = MindFormerConfig(PREDICT_DEMO)

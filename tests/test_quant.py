@@ -105,7 +105,8 @@ def test_w8a16_changes_the_demo_models_heldout_loss_by_under_2_percent():
     from mindformers.models.build_model import build_network
     from mindformers.tools.register import MindFormerConfig
 
-    import mindformers_ext  # noqa: F401  registers our classes
+    from mindformers_ext import load_families
+    load_families()  # our classes in MindFormers' registry
     from mindformers_ext.runner.predict import load_weights
     from test_demo_model import CKPT, PREDICT_DEMO, _heldout_chunks
 

@@ -1,8 +1,34 @@
-"""`import mindformers_ext` makes our YAML type names resolve through MindFormers' registry."""
+"""`mindformers_ext.load_families()` makes our YAML type names resolve through MindFormers' registry;
+`import mindformers_ext` alone imports nothing from research/ (dependencies point one way)."""
+import json
+import os
+import subprocess
+import sys
+
 from mindformers.models.build_model import build_network
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
-import mindformers_ext  # noqa: F401  (registers every research package)
+from mindformers_ext import load_families
+
+load_families()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_the_package_imports_no_research_module():
+    code = ("import json, sys; import mindformers_ext, mindformers_ext.serving, mindformers_ext.convert; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'research' or m.startswith('research.'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_family_is_registered_once_with_its_classes():
+    families = load_families()
+    assert sorted((f.hf_model_type, f.weight_map) for f in families.values()) == [
+        ("deepseek_v2", "deepseek2"), ("gpt_bigcode", "wizardcoder"), ("llama", "deepseek")]
+    for name, family in families.items():
+        assert family.config_class.model_type == name
+        assert MindFormerRegister.is_exist(MindFormerModuleType.MODELS, family.model_class.__name__)
+        assert MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, family.tokenizer_class.__name__)
 
 
 def test_research_classes_are_registered():

@@ -163,7 +163,8 @@ def _model_from_yaml(path, device_num):
 
 def test_full_size_yaml_layouts_pass_the_static_parallel_check():
     """Finetune: 8 devices, dp 1 x mp 8 (the seed's layout); predict: 2 devices, dp 1 x mp 2."""
-    import mindformers_ext  # noqa: F401
+    from mindformers_ext import load_families
+    load_families()  # our classes in MindFormers' registry
 
     finetune, summary = _model_from_yaml(FINETUNE_7B, 8)
     assert "dp=1 mp=8 pp=1" in summary[0]

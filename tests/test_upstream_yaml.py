@@ -14,10 +14,12 @@ import yaml
 from mindformers.tools.register import MindFormerModuleType as T
 from mindformers.tools.register import MindFormerRegister
 
-import mindformers_ext  # noqa: F401  registers our classes
+from mindformers_ext import load_families
 from mindformers_ext.parallel import ParallelCheckError, check_parallel
 from mindformers_ext.parallel.yaml_check import check_yaml
 from mindformers_ext.upstream import migrate_file, translate_config
+
+load_families()  # our classes in MindFormers' registry, as the runner has them
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data", "upstream")
@@ -215,6 +217,7 @@ def test_register_path_auto_register_finds_deepseek2_model(tmp_path):
     """Untranslated, MindFormers' own auto_register of 'deepseek2_model.DeepseekV2ForCausalLM' (v1.5.0 YAMLs
     with --register_path research/deepseek2) resolves to our model class."""
     code = ("import mindformers_ext\n"
+            "mindformers_ext.load_families()\n"
             "from mindformers.tools.register import MindFormerRegister as R, MindFormerModuleType as T\n"
             "R.registry[T.MODELS].pop('DeepseekV2ForCausalLM')  # so that only auto_register can put it back\n"
             "R.auto_register(class_reference='deepseek2_model.DeepseekV2ForCausalLM', module_type=T.MODELS)\n"

@@ -107,7 +107,8 @@ def yaml_context(config_path: str) -> YamlContext:
     # pylint: disable=import-outside-toplevel
     import argparse
 
-    import mindformers_ext  # noqa: F401  registers every research package
+    from mindformers_ext.families import load_families
+    load_families()  # the research packages' classes in MindFormers' registry
     from mindformers.models.build_config import build_model_config
     from mindformers.models.build_tokenizer import build_tokenizer
 

@@ -31,7 +31,8 @@ def load_checked_yaml(path: str) -> MindFormerConfig:
 
 def check_yaml(path: str, device_num: Optional[int] = None) -> list[str]:
     """Check the YAML at ``path`` for ``device_num`` devices (default: dp x mp x pp of its parallel_config)."""
-    import mindformers_ext  # noqa: F401  (registers the research classes)
+    from mindformers_ext.families import load_families
+    load_families()  # the research packages' classes in MindFormers' registry
 
     yaml = load_checked_yaml(path)
     model = yaml.get("model")

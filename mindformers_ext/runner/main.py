@@ -59,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = parse_args(argv)
     default_log_path(args)
     # pylint: disable=import-outside-toplevel
-    import mindformers_ext  # noqa: F401  registers every research package's classes
+    from mindformers_ext.families import load_families
+    load_families()  # the research packages' classes in MindFormers' registry
     import mindformers_ext.runner  # noqa: F401  registers PortableTrainOneStepCell
     from mindformers.tools.logger import logger
     from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config, check_types

@@ -1,20 +1,12 @@
 """A served model from a predict YAML or an HF directory, and the app around it (``tools/serve.py``)."""
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Optional
 
 from mindformers_ext.generation.sampling import SamplingParams
 from mindformers_ext.serving.api import ServedModel, build_app
 from mindformers_ext.serving.engine import Engine, GenerationRequest
-
-# HF model_type -> (tokenizer module, class) of the family's research package
-_HF_TOKENIZERS = {
-    "llama": ("research.deepseek1_5", "DeepSeekCoderTokenizer"),
-    "deepseek_v2": ("research.deepseek1_5", "DeepSeekCoderTokenizer"),
-    "gpt_bigcode": ("research.wizardcoder", "WizardCoderTokenizer"),
-}
 
 
 def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, random_weights: bool = False,
@@ -37,15 +29,13 @@ def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, r
 def load_hf_dir(hf_dir: str, name: Optional[str] = None, quant: Optional[str] = None,
                 kv_cache_dtype: Optional[str] = None) -> tuple:
     """(model, tokenizer, name, family) from an HF checkpoint directory."""
-    from mindformers_ext.hf_loader import load_hf_model, read_hf_config  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.families import family_for_hf_model_type
+    from mindformers_ext.hf_loader import load_hf_model, read_hf_config
 
-    model_type = read_hf_config(hf_dir).get("model_type")
-    if model_type not in _HF_TOKENIZERS:
-        raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: model_type {model_type!r} is not supported; "
-                         f"expected one of {sorted(_HF_TOKENIZERS)}")
+    family = family_for_hf_model_type(read_hf_config(hf_dir).get("model_type"), os.path.join(hf_dir, "config.json"))
     model = load_hf_model(hf_dir, quant=quant, **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else {}))
-    module, cls = _HF_TOKENIZERS[model_type]
-    tokenizer = getattr(importlib.import_module(module), cls)(tokenizer_file=hf_dir)
+    tokenizer = family.tokenizer_class(tokenizer_file=hf_dir)
     return model, tokenizer, name or os.path.basename(os.path.normpath(hf_dir)), model.config.model_type
 
 

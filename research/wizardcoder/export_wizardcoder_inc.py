@@ -136,7 +136,8 @@ def build_model(config_path: Optional[str] = None, load_checkpoint: Optional[str
         ms.set_context(mode=ms.GRAPH_MODE)
         return load_hf_model(hf_dir, use_past=True, **(overrides or {}))
     # pylint: disable=import-outside-toplevel
-    import mindformers_ext  # noqa: F401  registers the research classes
+    from mindformers_ext.families import load_families
+    load_families()  # the research packages' classes in MindFormers' registry
     from mindformers.models.build_model import build_network
     from mindformers_ext.runner.config import adapt_to_device, build_config
     from mindformers_ext.runner.context import ensure_context

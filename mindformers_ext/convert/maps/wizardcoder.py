@@ -131,7 +131,8 @@ def _our_config(fields: dict):
     cls = GPTBigCodeFamilyConfig
     kind = fields.get("type")
     if kind and kind != cls.__name__:
-        import mindformers_ext  # noqa: F401  registers the research packages' configs
+        from mindformers_ext.families import load_families
+        load_families()  # the research packages' classes in MindFormers' registry
         from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
         if MindFormerRegister.is_exist(MindFormerModuleType.CONFIG, kind):
