@@ -5,8 +5,6 @@ from mindformers_ext.layers.linear import Linear, ms_dtype
 from mindformers_ext.layers.mlp import GeluMLP, SwiGLU
 from mindformers_ext.layers.norm import LayerNorm, RMSNorm
 from mindformers_ext.layers.rotary import ApplyRotary, RotaryEmbedding, yarn_get_mscale
-from mindformers_ext.layers.self_attention import CausalSelfAttention
 
 __all__ = ["GroupedAttentionCore", "MASK_VALUE", "VocabEmbedding", "Linear", "ms_dtype",
-           "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm", "ApplyRotary", "RotaryEmbedding", "yarn_get_mscale",
-           "CausalSelfAttention"]
+           "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm", "ApplyRotary", "RotaryEmbedding", "yarn_get_mscale"]

@@ -1,12 +1,167 @@
-"""DeepSeek-Coder causal LM: the shared Llama-family model under DeepSeek's registered names."""
+"""DeepSeek-Coder v1 / v1.5: the Llama-family decoder (RMSNorm, rotary attention with MHA / GQA and a KV
+cache, SwiGLU) and its causal LM, top to bottom: attention, decoder layer, model, causal LM.
+
+Parameter names follow MindFormers' Llama (``model.layers.N.attention.wq.weight`` ...), so upstream
+DeepSeek-Coder checkpoints load as they are. ``LlamaFamilyForCausalLM`` serves any Llama-shaped HF
+checkpoint (``load_hf_model``); ``DeepSeekCoderForCausalLM`` is the same model under DeepSeek's names.
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import mindspore as ms
+from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.models.llama import LlamaFamilyForCausalLM
+from mindformers_ext.cache import CacheSpec, CachedKV
+from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding,
+                                    ms_dtype)
+from mindformers_ext.layers.rotary import ApplyRotary
+from mindformers_ext.models.causal_lm import CausalLMBase
+from mindformers_ext.models.llama_config import LlamaFamilyConfig
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
 from research.deepseek1_5.deepseek1_5_config import DeepSeekCoderConfig
+
+
+class CausalSelfAttention(ShardedCell):
+    """MHA (kv_heads == heads), GQA (1 < kv_heads < heads) or MQA (kv_heads == 1)."""
+
+    def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
+                 qkv_bias: bool = False, out_bias: bool = False, compute_dtype: str = "float32",
+                 param_init_type: str = "float32", softmax_compute_type: str = "float32",
+                 init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
+        self.wq = Linear(hidden_size, heads * head_dim, qkv_bias, **linear)
+        self.wk = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
+        self.wv = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
+        self.wo = Linear(heads * head_dim, hidden_size, out_bias, **linear)
+        self.rotary_q = ApplyRotary(heads, head_dim)
+        self.rotary_k = ApplyRotary(kv_heads, head_dim)
+        self.core = GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
+                                         softmax_compute_type)
+        self.kv_cache = CachedKV(kv_cache_int8)
+        self.reshape = ops.Reshape()
+        self.transpose_k = ops.Transpose()
+        self.transpose_v = ops.Transpose()
+
+    def shard(self, dp: int, mp: int) -> None:
+        """Heads split over model parallel (column-parallel q/k/v, row-parallel output)."""
+        for proj in (self.wq, self.wk, self.wv):
+            proj.shard_column(dp, mp)
+        self.wo.shard_row(dp, mp)
+        self.rotary_q.shard(dp, mp)
+        self.rotary_k.shard(dp, mp)
+        self.core.shard(dp, mp)
+
+    def _project(self, x, cos, sin):
+        bs, seq, _ = x.shape
+        q = self.rotary_q(self.reshape(self.wq(x), (bs, seq, self.heads, self.head_dim)), cos, sin)
+        k = self.rotary_k(self.reshape(self.wk(x), (bs, seq, self.kv_heads, self.head_dim)), cos, sin)
+        v = self.reshape(self.wv(x), (bs, seq, self.kv_heads, self.head_dim))
+        return q, self.transpose_k(k, (0, 2, 1, 3)), self.transpose_v(v, (0, 2, 1, 3))
+
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """x (B, S, hidden) -> (output (B, S, hidden), this layer's updated (k, v) cache or ()).
+
+        Without ``cache``: attention over the S tokens, mask (B, 1, S, S). With ``cache`` (k, v)
+        (B, kv_heads, capacity, dim): the new keys / values are written at ``slot``; ``decode``
+        attends over the whole cache (mask (B, 1, S, capacity)), else (prefill into an empty cache)
+        over the new tokens only.
+        """
+        q, k, v = self._project(x, cos, sin)
+        if cache is None:
+            return self.wo(self.core(q, k, v, mask)), ()
+        entries, k_all, v_all = self.kv_cache(cache, k, v, slot)
+        if decode:
+            k, v = k_all, v_all
+        return self.wo(self.core(q, k, v, mask)), entries
+
+
+class LlamaDecoderLayer(ShardedCell):
+    """Pre-norm block: ``x + attention(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LlamaFamilyConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        common = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
+                      init_std=config.initializer_range)
+        norm = dict(eps=config.rms_norm_eps, compute_type=config.layernorm_compute_type,
+                    param_init_type=config.param_init_type)
+        self.attention_norm = RMSNorm(config.hidden_size, **norm)
+        self.attention = CausalSelfAttention(config.hidden_size, config.num_heads, config.kv_heads, config.head_dim,
+                                             qkv_bias=config.qkv_has_bias, out_bias=config.attn_proj_has_bias,
+                                             softmax_compute_type=config.softmax_compute_type,
+                                             kv_cache_int8=config.kv_cache_dtype == "int8", **common)
+        self.ffn_norm = RMSNorm(config.hidden_size, **norm)
+        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias, **common)
+
+    def shard(self, dp: int, mp: int) -> None:
+        """Strategies for every sub-layer."""
+        self.attention_norm.shard(dp, mp)
+        self.attention.shard(dp, mp)
+        self.ffn_norm.shard(dp, mp)
+        self.feed_forward.shard(dp, mp)
+
+    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+        """-> (output, this layer's updated cache or ()); see :class:`CausalSelfAttention`."""
+        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask, cache, slot, decode)
+        x = x + attn
+        return x + self.feed_forward(self.ffn_norm(x)), cache
+
+
+class LlamaModel(ShardedCell):
+    """Embedding, decoder layers and final norm. Cache: (k, v) per layer, (B, kv_heads, T, head_dim)."""
+
+    def __init__(self, config: LlamaFamilyConfig) -> None:
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.cache_spec = CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers,
+                                    config.kv_cache_dtype == "int8")
+        dp, mp, pp, _ = parallel_sizes(config.parallel_config)
+        self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
+                                             config.initializer_range)
+        self.tok_embeddings.shard(dp, mp, vocab_emb_dp(config.parallel_config))
+        self.cast = ops.Cast()
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.theta, config.extend_method, config.scaling_factor,
+                                      config.max_position_embedding)
+        self.rotary.shard(dp, mp)
+        self.layers = pipeline_layers(LlamaDecoderLayer, config, (dp, mp), pp)
+        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.layernorm_compute_type,
+                                config.param_init_type)
+        self.norm_out.shard(dp, mp)
+        if pp > 1:
+            self.tok_embeddings.pipeline_stage = 0
+            self.norm_out.pipeline_stage = pp - 1
+
+    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
+        """-> (hidden, updated cache tuple or (), aux loss 0); ``cache`` is the flat tuple of
+        :class:`mindformers_ext.cache.KVCache` (see :class:`CausalSelfAttention` for the rest)."""
+        # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
+        x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
+        cos, sin = self.rotary(position_ids)
+        new_cache = ()
+        for i in range(self.num_layers):
+            x, layer_cache = self.layers[i](x, cos, sin, mask, self.cache_spec.layer(cache, i), slot, decode)
+            new_cache = new_cache + layer_cache
+        return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class LlamaFamilyForCausalLM(CausalLMBase):
+    """Llama-family causal LM (DeepSeek-Coder and friends)."""
+
+    config_class = LlamaFamilyConfig
+
+    def __init__(self, config: LlamaFamilyConfig = None) -> None:
+        config = config if config is not None else LlamaFamilyConfig()
+        super().__init__(config, LlamaModel(config))
+        stages = parallel_sizes(config.parallel_config)[2]
+        if stages > 1:
+            self.lm_head.pipeline_stage = stages - 1
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

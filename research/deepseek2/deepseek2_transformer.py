@@ -93,7 +93,7 @@ class DeepseekV2Model(ShardedCell):
 
     def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
         """-> (hidden, updated cache tuple or (), summed MoE balance loss (training)); as
-        :class:`mindformers_ext.models.llama.LlamaModel`."""
+        :class:`research.deepseek1_5.deepseek1_5.LlamaModel`."""
         # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
         x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
         cos, sin = self.rotary(position_ids)

@@ -1,4 +1,4 @@
-"""WizardCoder's building blocks: GPT-BigCode's, shared in ``mindformers_ext/models/gpt_bigcode.py``.
+"""WizardCoder's building blocks under the seed's names: GPT-BigCode's, defined in ``wizardcoder.py``.
 
 The seed kept its own copies of MindFormers' transformer layers here; ours are the shared portable
 ones (graph mode on CPU and Ascend, static KV cache, recorded shard strategies):
@@ -8,8 +8,8 @@ ones (graph mode on CPU and Ascend, static KV cache, recorded shard strategies):
 * :class:`WizardCoderDecoderLayer` - LayerNorm, attention, LayerNorm, GELU MLP (``c_fc`` / ``c_proj``);
 * :class:`WizardCoderModel` - token + learned position embeddings, the layers, final LayerNorm.
 """
-from mindformers_ext.models.gpt_bigcode import (GPTBigCodeAttention, GPTBigCodeAttentionCore, GPTBigCodeDecoderLayer,
-                                                GPTBigCodeModel)
+from research.wizardcoder.wizardcoder import (GPTBigCodeAttention, GPTBigCodeAttentionCore, GPTBigCodeDecoderLayer,
+                                             GPTBigCodeModel)
 
 WizardCoderAttention = GPTBigCodeAttention
 WizardCoderAttentionCore = GPTBigCodeAttentionCore

@@ -1,7 +1,7 @@
 """GPT-BigCode family (WizardCoder, StarCoder, SantaCoder): HF ``GPTBigCodeForCausalLM`` <-> our names.
 
 Every tensor keeps its HF layout (Linear weights are [out, in]) except the fused attention projection
-``c_attn``, whose layout depends on ``multi_query`` (see ``mindformers_ext/models/gpt_bigcode.py``):
+``c_attn``, whose layout depends on ``multi_query`` (see ``research/wizardcoder/wizardcoder.py``):
 
 * multi-query: rows ``[q (n_embd) | k (head_dim) | v (head_dim)]`` are split into our ``q_attn``
   (n_embd rows) and ``kv_attn`` (2 * head_dim rows), and joined back on the way to HF;
