@@ -4,7 +4,7 @@
 HF's [out, in] weight; per expert and output feature for the stacked routed experts of DeepSeekMoE),
 so ``w ~= q * s`` with an error of at most ``s / 2`` per weight. Activations stay in the compute
 dtype (the "A16"); each :class:`mindformers_ext.layers.Linear` and
-:class:`mindformers_ext.layers.moe.RoutedExperts` multiplies its int8 matmul output by the scales.
+:class:`research.deepseek2.deepseek2.RoutedExperts` multiplies its int8 matmul output by the scales.
 The LM head and the embedding stay in float unless asked; MoE routers stay in float (their scores
 pick the experts).
 
@@ -82,18 +82,18 @@ def quantize_per_channel(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def quant_targets(model, lm_head: bool = False) -> Iterator[Tuple[str, object]]:
     """``(cell name, cell)`` of every cell whose weights W8A16 stores as int8: each :class:`Linear`
     except MoE routers and the LM head (that one only with ``lm_head``, and never when tied to the
-    embedding), and every :class:`RoutedExperts` (stacked w1 / w2 / w3). Quantized cells included."""
+    embedding), and every stack of MoE experts (a cell with ``W8A16_WEIGHTS``: DeepSeek-V2's ``RoutedExperts``,
+    stacked w1 / w2 / w3). Quantized cells included."""
     # pylint: disable=import-outside-toplevel
     from mindformers_ext.layers.linear import Linear
-    from mindformers_ext.layers.moe import RoutedExperts
 
     head = getattr(model, "lm_head", None)
     tied = head is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, cell in model.cells_and_names():
-        if isinstance(cell, RoutedExperts):
-            yield name, cell
-        elif isinstance(cell, Linear) and not name.endswith("router.dense") and \
-                not (cell is head and (tied or not lm_head)):
+        if isinstance(cell, Linear):
+            if not name.endswith("router.dense") and not (cell is head and (tied or not lm_head)):
+                yield name, cell
+        elif hasattr(cell, "W8A16_WEIGHTS"):  # stacked MoE experts
             yield name, cell
 
 

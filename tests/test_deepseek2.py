@@ -205,7 +205,7 @@ def test_training_loss_adds_the_sequence_aux_loss(tiny):
 
 # ------------------------------------------------------------------------------------------ the MoE
 def _router(topk_method, norm=False, scale=1.0, **kw):
-    from mindformers_ext.layers.moe import TopKRouter
+    from research.deepseek2.deepseek2 import TopKRouter
 
     router = TopKRouter(8, 8, 2, topk_method, routed_scaling_factor=scale, norm_topk_prob=norm, **kw)
     router.dense.weight.set_data(ms.Tensor(np.eye(8, dtype=np.float32)))  # logits = the input itself
@@ -243,7 +243,7 @@ def test_routing_on_a_hand_computed_case():
 def test_aux_loss_matches_a_direct_computation(seq_aux):
     """A DeepSeekMoE layer in training returns alpha x sum f_i P_i (per sequence or over all tokens),
     computed here with numpy from its own router's scores; its output matches an expert-by-expert sum."""
-    from mindformers_ext.layers.moe import DeepSeekMoE
+    from research.deepseek2.deepseek2 import DeepSeekMoE
 
     rng = np.random.default_rng(1)
     batch, seq, hidden, experts, k, alpha = 2, 5, 16, 6, 2, 0.3

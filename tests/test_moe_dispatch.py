@@ -7,7 +7,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from mindformers_ext.layers.moe import RoutedExperts
+from research.deepseek2.deepseek2 import RoutedExperts
 
 E, H, F, K = 8, 16, 12, 3
 

@@ -1,9 +1,10 @@
 """Upstream MindFormers' module name for the DeepSeek-V2 model (v1.5.0 YAMLs say
 ``auto_register: deepseek2_model.DeepseekV2ForCausalLM`` with ``--register_path research/deepseek2``).
 
-A thin re-export: the model is :class:`research.deepseek2.deepseek2.DeepseekV2ForCausalLM`, registered
-in MindFormers when ``research.deepseek2`` (or ``mindformers_ext``) is imported. Upstream's v1.5.0
-module also held the MLA / MoE layers; ours live in ``deepseek2_transformer.py`` / ``deepseek2_layer.py``.
+A re-export, not the definitions: MindFormers' ``auto_register`` loads this file by path under another
+module name, so classes defined here would be a second copy registered over ours. The whole model
+(MLA, MoE, decoder, causal LM, as upstream's v1.5.0 module held them) is in ``deepseek2.py``;
+its classes are registered when ``research.deepseek2`` is imported (``mindformers_ext.load_families()``).
 """
 from research.deepseek2.deepseek2 import DeepseekV2ForCausalLM
 from research.deepseek2.deepseek2_config import DeepseekV2Config
