@@ -579,14 +579,3 @@ def test_extraction_rules():
     blocks = fenced_blocks("x\n```bash\nls\n```\n  ```sh\n  pwd\n  ```\n```python\nprint()\n```\n")
     assert [(lang, line, body) for lang, line, body in blocks] == [
         ("bash", 3, ["ls"]), ("sh", 6, ["pwd"]), ("python", 9, ["print()"])]
-
-
-def test_upstream_alpaca_converter_names_the_equivalent(tmp_path):
-    """MindFormers v1.5.0's first preprocessing step is documented as not needed (and not run): the
-    script exists, writes nothing, exits with status 2 and names the command to use instead."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "research", "deepseek1_5", "alpaca_converter.py"),
-                           "--data_path", "code_alpaca_20k.json", "--output_path", "converted.json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "deepseek_preprocess_1_5.py --dataset_type qa --input_glob code_alpaca_20k.json" in proc.stderr
-    assert not os.listdir(tmp_path)

@@ -20,8 +20,8 @@ from mindformers_ext.convert.upstream import (convert_upstream, detect_upstream,
                                               upstream_candidate)
 from mindformers_ext.hf_loader import build_from_hf_config, read_hf_config
 from deepseek2_reference import make_tiny_deepseek2, one_torch_thread
-from upstream_util import (deepseek2_upstream_tensors, llama_upstream_tensors, save_ms_checkpoint,
-                           wizardcoder_upstream_tensors)
+from upstream_util import (deepseek2_mla_split, deepseek2_upstream_tensors, llama_upstream_tensors,
+                           save_ms_checkpoint, wizardcoder_upstream_tensors)
 from wizardcoder_util import REPO, make_tiny_bigcode
 
 TOL = 1e-4
@@ -91,6 +91,62 @@ def test_deepseek2_upstream_checkpoint_loads_with_hf_logits(ds2, variant, gmm, t
     assert load_checkpoint_into(model, ckpt) == [ckpt]  # ... mapped while loading
     ids = _ids(160)
     assert np.abs(model(ms.Tensor(ids)).asnumpy() - _hf_logits(hf, ids)).max() <= TOL
+
+
+def _training_state(tensors: list) -> list:
+    """What upstream's Trainer saved beside the weights: AdamW moments per weight and step counters."""
+    state = [(f"{kind}.{n}", np.full_like(a, 0.5), "float32") for n, a, _ in tensors[:6] for kind in ("adam_m",
+                                                                                                     "adam_v")]
+    return state + [("global_step", np.array([7], np.int32), "int32"), ("scale_sense", np.array(1.0, np.float32),
+                                                                       "float32")]
+
+
+@pytest.mark.parametrize("variant", ["full", "lite"])
+def test_deepseek2_mla_split_checkpoint_loads_with_hf_logits(ds2, variant, tmp_path):
+    """Upstream v1.5.0's MLA-split checkpoint (l2q_nope_proj / l2q_pe_proj, kv2l_latent_kv / kv2l_k_pe,
+    lkv2kv_k_nope / lkv2kv_v, rope rows de-interleaved; V2-Lite's q_proj left whole), saved with the
+    Trainer's optimizer state: loads on the fly with HF's logits, and migrates once with --upstream."""
+    path, state, hf = ds2[variant]
+    cfg = read_hf_config(path)
+    tensors = deepseek2_mla_split(deepseek2_upstream_tensors(state), cfg["num_attention_heads"],
+                                  cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"])
+    names = [n for n, _, _ in tensors]
+    assert any(".attention.kv2l_k_pe." in n for n in names) and not any(".attention.kv2l." in n for n in names)
+    assert any(".attention.l2q_pe_proj." in n for n in names) == (variant == "full")
+    ckpt = save_ms_checkpoint(tensors + _training_state(tensors), str(tmp_path / "split.ckpt"))
+    model = _build(path)
+    assert load_checkpoint_into(model, ckpt) == [ckpt]
+    ids = _ids(160, seed=6)
+    want = _hf_logits(hf, ids)
+    assert np.abs(model(ms.Tensor(ids)).asnumpy() - want).max() <= TOL
+    ours = str(tmp_path / "ours.ckpt")
+    convert_upstream(ckpt, ours, "deepseek2", config=os.path.join(path, "config.json"), progress=False)
+    model = _build(path)
+    plain_load(model, ours)
+    assert np.abs(model(ms.Tensor(ids)).asnumpy() - want).max() <= TOL
+
+
+def test_sharded_upstream_checkpoint_says_merge_first(ds2, tmp_path):
+    """rank_N/ folders of a model-parallel upstream save (each tensor cut in 2 along one axis, optimizer
+    state beside): loading one is refused with what was found and how to merge, not a shape list."""
+    path, state, _ = ds2["full"]
+    tensors = deepseek2_upstream_tensors(state)
+    for rank in (0, 1):
+        shard = []
+        for name, value, dtype in tensors:
+            if value.ndim >= 2 and "norm" not in name:
+                axis = 1 if ("attention.wo." in name or ".w2." in name) and value.ndim == 2 else 0
+                value = np.array_split(value, 2, axis=axis)[rank]
+            shard.append((name, np.ascontiguousarray(value), dtype))
+        os.makedirs(tmp_path / "save" / f"rank_{rank}")
+        save_ms_checkpoint(shard + _training_state(shard),
+                           str(tmp_path / "save" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"))
+    model = _build(path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_into(model, str(tmp_path / "save"), rank_id=1)
+    message = str(err.value)
+    assert "rank_1/checkpoint_1.ckpt: one rank's part of a distributed (model-parallel) upstream save" in message
+    assert "cut 2 ways" in message and "mindspore.transform_checkpoints" in message
 
 
 def test_deepseek2_upstream_dtypes_load_as_written(ds2, tmp_path):

@@ -83,6 +83,34 @@ def deepseek2_upstream_tensors(state: dict, gmm: bool = False, upstream_dtypes: 
     return out
 
 
+def deepseek2_mla_split(tensors: list, heads: int, nope: int, rope: int, v_dim: int) -> list:
+    """Upstream v1.5.0's ``mla_weight_split`` (positional flag + ``--pre_ckpt_path``) applied to
+    :func:`deepseek2_upstream_tensors`' output: ``l2q_proj`` -> ``l2q_nope_proj`` / ``l2q_pe_proj`` (each
+    head's rope rows de-interleaved: even rows, then odd), ``kv2l`` -> ``kv2l_latent_kv`` / ``kv2l_k_pe``
+    (de-interleaved), ``lkv2kv`` -> ``lkv2kv_k_nope`` / ``lkv2kv_v``; other tensors unchanged."""
+    out = []
+    for name, value, dtype in tensors:
+        if ".attention.l2q_proj." in name:
+            per_head = value.reshape(heads, nope + rope, -1)
+            pe = per_head[:, nope:].reshape(heads, rope // 2, 2, -1).transpose(0, 2, 1, 3)
+            out.append((name.replace(".l2q_proj.", ".l2q_nope_proj."), per_head[:, :nope].reshape(heads * nope, -1),
+                        dtype))
+            out.append((name.replace(".l2q_proj.", ".l2q_pe_proj."), pe.reshape(heads * rope, -1), dtype))
+        elif ".attention.kv2l." in name:
+            latent = value.shape[0] - rope
+            k_pe = value[latent:].reshape(rope // 2, 2, -1).transpose(1, 0, 2).reshape(rope, -1)
+            out.append((name.replace(".kv2l.", ".kv2l_k_pe."), np.ascontiguousarray(k_pe), dtype))
+            out.append((name.replace(".kv2l.", ".kv2l_latent_kv."), np.ascontiguousarray(value[:latent]), dtype))
+        elif ".attention.lkv2kv." in name:
+            per_head = value.reshape(heads, nope + v_dim, -1)
+            out.append((name.replace(".lkv2kv.", ".lkv2kv_k_nope."), per_head[:, :nope].reshape(heads * nope, -1),
+                        dtype))
+            out.append((name.replace(".lkv2kv.", ".lkv2kv_v."), per_head[:, nope:].reshape(heads * v_dim, -1), dtype))
+        else:
+            out.append((name, value, dtype))
+    return [(n, np.ascontiguousarray(v), d) for n, v, d in out]
+
+
 def llama_upstream_tensors(state: dict) -> list:
     """As upstream's DeepSeek-Coder converter writes an HF Llama state dict (float32 here)."""
     return [(_replace(k, LLAMA_REPLACE), _np(v), "float32") for k, v in state.items()
@@ -128,7 +156,7 @@ def save_ms_checkpoint(tensors: list, path: str) -> str:
     """Write ``[(name, array, dtype_name)]`` with ``mindspore.save_checkpoint`` (as upstream did)."""
     import mindspore as ms
 
-    dtypes = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+    dtypes = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16, "int32": ms.int32}
     ms.save_checkpoint([{"name": n, "data": ms.Tensor(a, dtype=dtypes[d])} for n, a, d in tensors], path)
     return path
 

@@ -4,7 +4,8 @@ Upstream's converters and training wrote these layouts (see ``maps/*_upstream.py
 
 * DeepSeek-Coder (Llama): our names exactly; nothing to map;
 * DeepSeek-V2: MoE layers under ``feed_forward.routed_experts.{router.dense, ffn.w1/w2/w3}`` and the
-  rope rows of ``kv2l`` / ``l2q_proj`` / ``q_proj`` in HF's interleaved order (ours: rotate-half);
+  rope rows of ``kv2l`` / ``l2q_proj`` / ``q_proj`` in HF's interleaved order (ours: rotate-half); also
+  with the experts transposed (``use_gmm``) or the attention split for its MLA (v1.5.0);
 * WizardCoder: ``backbone.blocks.N.layernorm1.gamma``, ``attention.dense1/2/3``, transposed
   ``attention.projection`` / ``output.mapping`` / ``output.projection``, ``head.head_weight``.
 
@@ -12,6 +13,8 @@ Upstream's converters and training wrote these layouts (see ``maps/*_upstream.py
 migrates a file once (``tools/convert_weight.py --model deepseek2 --upstream --input_path UP.ckpt
 --output_path OURS.ckpt``); :func:`load_upstream_into` maps one into a built network while loading,
 tensor by tensor, with the converter's checks (every name, every shape against the model's config).
+Optimizer state saved beside the weights is skipped; one rank's part of a model-parallel save is
+refused with how to merge the ranks first.
 """
 from __future__ import annotations
 
@@ -94,22 +97,27 @@ def _family(model: str) -> str:
 
 def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
                         hidden_size: Optional[int] = None) -> WeightMap:
-    """The upstream map of ``family``; for DeepSeek-V2 the grouped-matmul variant when the stacked
-    experts are stored (E, hidden, inter) (``use_gmm``), told from ``entries``' shapes."""
+    """The upstream map of ``family``; for DeepSeek-V2 the variant for ``entries``: grouped-matmul when
+    the stacked experts are stored (E, hidden, inter) (``use_gmm``, told from the shapes), MLA-split when
+    the attention is stored as upstream v1.5.0's split tensors (``attention.l2q_nope_proj`` ...)."""
     wmap = get_weight_map(upstream_map_name(family))
     if family != "deepseek2" or not entries:
         return wmap
+    from mindformers_ext.convert.maps import deepseek2_upstream as maps  # pylint: disable=C0415
+
     if hidden_size is None:
         embedding = [e for e in entries if e.name == "model.tok_embeddings.embedding_weight"]
         hidden_size = embedding[0].shape[1] if embedding else None
+    gmm = False
     for entry in entries:
         if entry.name.endswith(".feed_forward.routed_experts.ffn.w1.weight") and len(entry.shape) == 3:
             _, rows, cols = entry.shape
-            if hidden_size is not None and rows == hidden_size and cols != hidden_size:
-                from mindformers_ext.convert.maps.deepseek2_upstream import GMM_MAP  # pylint: disable=C0415
-                return GMM_MAP
+            gmm = hidden_size is not None and rows == hidden_size and cols != hidden_size
             break
-    return wmap
+    split = any(e.name.endswith((".attention.kv2l_latent_kv.weight", ".attention.l2q_nope_proj.weight",
+                                 ".attention.lkv2kv_k_nope.weight")) for e in entries)
+    return {(False, False): wmap, (True, False): maps.GMM_MAP, (False, True): maps.SPLIT_MAP,
+            (True, True): maps.GMM_SPLIT_MAP}[(gmm, split)]
 
 
 def _yaml_model_config(path: str) -> dict:
@@ -200,7 +208,44 @@ def plan_upstream(source: WeightSource, family: str, config: Any = None, dtype: 
                               f"{_FAMILY_TITLE[family]} (wrong --model?)")
     wmap = upstream_weight_map(family, entries)
     cfg = resolve_config(family, wmap, entries, config, source.path)
-    return plan_for(_ListSource(source.path, entries), wmap, cfg, "ours", dtype), wmap, cfg
+    try:
+        return plan_for(_ListSource(source.path, entries), wmap, cfg, "ours", dtype), wmap, cfg
+    except ConversionError as exc:
+        hint = _shard_hint(wmap, cfg, entries, source.path)
+        if hint:
+            raise ConversionError(hint) from exc
+        raise
+
+
+def _shard_hint(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry], path: str) -> Optional[str]:
+    """Why a checkpoint whose tensors are the config's cut along one axis into the same number of parts
+    is one rank's part of a distributed save; None when its shapes differ otherwise."""
+    from mindformers_ext.convert.weight_map import check_map_config  # pylint: disable=import-outside-toplevel
+
+    try:
+        hf_cfg = check_map_config(wmap, config)
+        expected = wmap.for_config(hf_cfg).hf_shapes(hf_cfg)
+    except (ConversionError, KeyError, TypeError, ValueError):
+        return None
+    factors, example = set(), None
+    for entry in entries:
+        want = expected.get(entry.name)
+        got = tuple(entry.shape)
+        if want is None or got == tuple(want):
+            continue
+        diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+        if len(got) != len(want) or len(diff) != 1 or got[diff[0]] == 0 or want[diff[0]] % got[diff[0]]:
+            return None
+        factors.add(want[diff[0]] // got[diff[0]])
+        example = example or (entry.name, got, tuple(want))
+    if len(factors) != 1 or example is None:
+        return None
+    name, got, want = example
+    return (f"{path}: one rank's part of a distributed (model-parallel) upstream save: tensors are cut "
+            f"{factors.pop()} ways (e.g. {name!r} is {list(got)}, the model's {list(want)}). Merge the rank_N/ "
+            "files into one first: mindspore.transform_checkpoints(SAVE_DIR, MERGED_DIR, 'merged', "
+            "src_strategy_file=STRATEGY_CKPT, dst_strategy_file=None) with the strategy file the training "
+            "wrote, then load (or --upstream migrate) MERGED_DIR/rank_0/merged0.ckpt")
 
 
 def _example(family: str) -> str:

@@ -61,6 +61,10 @@ def _make_record(obj, path: str, where: str) -> InstructionRecord:
     """Validate one parsed object."""
     if not isinstance(obj, dict):
         raise DataFormatError(f"{path}: {where}: expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj and "instruction" not in obj:
+        raise DataFormatError(f"{path}: {where}: a 'conversations' record (upstream MindFormers' alpaca_converter.py "
+                              "output, prompt already applied); pass the original code_alpaca file, or convert it "
+                              "with research/deepseek1_5/alpaca_converter.py --data_path ORIGINAL.json")
     for key in ("instruction", "output"):
         if key not in obj:
             raise DataFormatError(f"{path}: {where}: missing key {key!r}")
