@@ -117,7 +117,7 @@ class GPTBigCodeAttention(ShardedCell):
 
     def construct(self, x, mask, cache=None, slot=None, decode=False):
         """x (B, S, hidden) -> (output (B, S, hidden), updated (k, v) cache or ()); the cache and mask
-        conventions are those of :class:`mindformers_ext.layers.CausalSelfAttention`."""
+        conventions are the Llama family's (``research.deepseek1_5.deepseek1_5.CausalSelfAttention``)."""
         q, k, v = self._project(x)
         if cache is None:
             return self.c_proj(self.core(q, k, v, mask)), ()
