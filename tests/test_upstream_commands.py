@@ -8,10 +8,12 @@ or fails with a one-line error naming what to run instead. No network: the spell
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+
 import pytest
 
 from upstream_util import deepseek2_upstream_tensors, save_ms_checkpoint
@@ -201,3 +203,16 @@ def test_conversation_records_name_the_converter(tmp_path):
     assert run.returncode == 1
     assert "'conversations' record" in run.stderr and "alpaca_converter.py --data_path" in run.stderr
     assert not os.path.exists(tmp_path / "x.mindrecord")
+
+
+@pytest.mark.parametrize("upstream_path, ours", [
+    ("research/deepseek2/deepseek2_236b/finetune_deepseek2_236B.yaml", "research/deepseek2/finetune_deepseek2_236B.yaml"),
+    ("research/deepseek2/run_train_deepseek2_236B.yaml", "research/deepseek2/finetune_deepseek2_236B.yaml"),
+    ("deepseek1_5_7b/predict_deepseek_coder1_5_7b.yaml", "research/deepseek1_5/predict_deepseek_coder1_5_7b.yaml"),
+])
+def test_upstream_yaml_paths_name_the_shipped_file(upstream_path, ours):
+    """Upstream READMEs put the YAMLs in per-model sub-folders or use older names: the error names ours."""
+    from mindformers_ext.runner.config import ConfigError, load_yaml
+
+    with pytest.raises(ConfigError, match="did you mean .*" + re.escape(ours)):
+        load_yaml(upstream_path)

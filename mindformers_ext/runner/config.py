@@ -79,10 +79,28 @@ def check_types(config: Any) -> None:
         raise ConfigError(f"{path}: {'.'.join(keys)}.type: unknown {label} type {kind_name!r}{hint}")
 
 
+def _shipped_yaml_hint(path: str) -> str:
+    """'; did you mean ...' naming shipped YAMLs (research/, configs/) with the same or a close file name:
+    upstream READMEs name them in per-model sub-folders (``research/deepseek2/deepseek2_236b/...``) or by
+    older names (``run_train_deepseek2_236B.yaml``)."""
+    import difflib  # pylint: disable=import-outside-toplevel
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shipped = sorted(glob.glob(os.path.join(root, "research", "*", "*.yaml")) +
+                     glob.glob(os.path.join(root, "configs", "*", "*.yaml")))
+    by_name: dict = {}
+    for found in shipped:
+        by_name.setdefault(os.path.basename(found), []).append(os.path.relpath(found, root))
+    name = os.path.basename(path)
+    close = by_name.get(name) or [p for n in difflib.get_close_matches(name, list(by_name), n=2, cutoff=0.6)
+                                  for p in by_name[n]]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def load_yaml(path: str) -> dict:
     """The raw YAML as a dict (``base_config`` includes resolved), before MindFormers' template."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+        raise ConfigError(f"config file {path!r} does not exist{_shipped_yaml_hint(path)}")
     try:
         # pylint: disable=protected-access
         raw = MindFormerConfig._file2dict(path)
