@@ -13,10 +13,16 @@ would flatter our ratio. Pass --threads 2 to see that configuration.
     python bench/decode.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA latent cache, MoE)
     python bench/decode.py --models tiny --batches 1 --new_tokens 32
     python bench/decode.py --models llama-150m --batches 1 --quant w8a16   # + our W8A16 model on the same weights
+    python bench/decode.py --models llama-150m --batches 1 --prompt_len 1024 --new_tokens 64   # long context
 
 Each line also gives the weight bytes one decode step reads per token (``*_weight_bytes_per_token``:
 every stored parameter, int8 and scales counted as stored, divided by the batch, except the input
-embedding rows (a gather) and the routed experts, of which each token reads k of E). With
+embedding rows (a gather) and the routed experts, of which each token reads k of E) and the weight
+bandwidth each side achieves in the decode steps (``*_weight_gb_per_s``: that x batch x steps/s, the
+steps timed without the prefill, whose seconds are ``*_prefill_s``), next to what one thread can read
+from memory on this machine (``read_limit_gb_per_s``, a large numpy sum) and the fraction of it
+achieved (``*_fraction_of_read_limit``). The KV cache's reads are not counted: at a long
+``--prompt_len`` (``--prompt_len 1024 --new_tokens 64``) they add to the weights'. With
 ``--quant w8a16`` our W8A16 model (:func:`mindformers_ext.quant.quantize_model`) is timed too, and
 ``w8a16_same_ids_fraction`` is the fraction of its new tokens equal to our float32 model's.
 """
@@ -35,95 +41,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-CONFIGS = {
-    "tiny": dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4),
-    "llama-150m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                       num_attention_heads=16),
-}
-# GPT-BigCode (WizardCoder / StarCoder architecture): multi-query attention, learned positions, tied LM head
-BIGCODE_CONFIGS = {
-    "bigcode-tiny": dict(vocab_size=160, n_embd=64, n_layer=2, n_head=4),
-    "bigcode-150m": dict(vocab_size=49152, n_embd=1024, n_layer=10, n_head=16),  # 158M parameters
-}
-CONFIGS.update(BIGCODE_CONFIGS)
-# DeepSeek-V2 (MLA + DeepSeekMoE): HF DeepseekV2Config fields. "ds2-tiny" has the tests' "full" structure (low-rank q,
-# a dense layer then MoE layers, group-limited routing); "ds2-moe-150m": 153M parameters (16 routed experts of
-# which 4 per token + 1 shared, so ~65M active per token)
-DS2_CONFIGS = {
-    "ds2-tiny": dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                     q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=24,
-                     first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                     routed_scaling_factor=2.5),
-    "ds2-moe-150m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-                         num_attention_heads=12, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-                         qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=1,
-                         num_experts_per_tok=4, moe_intermediate_size=448, first_k_dense_replace=1,
-                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.0),
-}
-CONFIGS.update(DS2_CONFIGS)
+from bench.models import CONFIGS, build_hf  # noqa: E402  (shared with bench/train.py)
 
 
-def build_hf_bigcode(name: str, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPTBigCodeConfig(n_positions=2048, multi_query=True, activation_function="gelu",
-                                           bos_token_id=0, eos_token_id=0, pad_token_id=0, **BIGCODE_CONFIGS[name])
-    transformers.GPTBigCodeForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return transformers.GPTBigCodeForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-
-
-def build_hf_ds2(name: str, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.DeepseekV2Config(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                                           pad_token_id=0, **DS2_CONFIGS[name])
-    model = transformers.DeepseekV2ForCausalLM(config)
-    with torch.no_grad():  # HF leaves the router at N(0, 0.02): near-uniform routing; make it decisive
-        for pname, p in model.named_parameters():
-            if pname.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0)
-    model.save_pretrained(path, safe_serialization=True)
-    return transformers.DeepseekV2ForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+def read_limit_gb_per_s(size_mb: int = 512, repeats: int = 5) -> float:
+    """What one thread reads from memory here, in GB/s: the fastest of ``repeats`` passes of two numpy
+    reductions (float32 sum, uint64 bitwise or) over ``size_mb`` MB, far larger than the caches."""
+    data = np.ones(size_mb * 2**20 // 8, dtype=np.uint64)
+    passes = (lambda: data.view(np.float32).sum(), lambda: np.bitwise_or.reduce(data))
+    best = float("inf")
+    for _ in range(repeats):
+        for reduce in passes:
+            start = time.perf_counter()
+            reduce()
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
 
 
-def build_hf(name: str, path: str):
-    import torch
-    import transformers
-
-    if name in BIGCODE_CONFIGS:
-        return build_hf_bigcode(name, path)
-    if name in DS2_CONFIGS:
-        return build_hf_ds2(name, path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                                      pad_token_id=0, **CONFIGS[name])
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-
-
-def time_hf(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
+def time_hf(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
+    """Seconds for ``new_tokens`` greedy tokens, seconds for one (the prefill), and the new ids."""
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def generate(count: int) -> tuple[float, np.ndarray]:
         start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
-        elapsed = time.perf_counter() - start
-    return elapsed, out[:, prompts.shape[1]:].numpy()
+        out = model.generate(ids, max_new_tokens=count, min_new_tokens=count, **kwargs)
+        return time.perf_counter() - start, out[:, prompts.shape[1]:].numpy()
+
+    with torch.inference_mode():
+        generate(4)
+        prefill, _ = generate(1)
+        elapsed, new_ids = generate(new_tokens)
+    return elapsed, prefill, new_ids
 
 
 def weight_bytes_per_token(model, batch: int) -> int:
     """Bytes of stored weights one decode step reads, per token (see the module docstring)."""
-    from mindformers_ext.layers.moe import RoutedExperts
+    from research.deepseek2.deepseek2 import RoutedExperts
 
     routed = {}  # parameter name -> fraction of it a token reads (k of E experts)
     for _, cell in model.cells_and_names():
@@ -141,26 +97,50 @@ def weight_bytes_per_token(model, batch: int) -> int:
     return int(total)
 
 
-def time_ours(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
+def time_ours(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
+    """As :func:`time_hf`, for our model."""
     batch = prompts.tolist()
-    model.generate(batch, max_new_tokens=4, eos_token_id=[])
-    start = time.perf_counter()
-    out = model.generate(batch, max_new_tokens=new_tokens, eos_token_id=[])
-    elapsed = time.perf_counter() - start
-    return elapsed, np.array([row[prompts.shape[1]:] for row in out])
+
+    def generate(count: int) -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        out = model.generate(batch, max_new_tokens=count, eos_token_id=[])
+        return time.perf_counter() - start, np.array([row[prompts.shape[1]:] for row in out])
+
+    generate(4)
+    prefill, _ = generate(1)
+    elapsed, new_ids = generate(new_tokens)
+    return elapsed, prefill, new_ids
+
+
+def decode_figures(prefix: str, elapsed: float, prefill: float, tokens: int, new_tokens: int, weight_bytes: int,
+                   limit: float) -> dict:
+    """tokens/s (prefill included), the prefill's seconds, and the weight bandwidth of the decode steps
+    after it: weight bytes per step (per token x batch) x steps/s, in GB/s and as a fraction of ``limit``."""
+    steps_per_s = (new_tokens - 1) / max(elapsed - prefill, 1e-9)
+    gb_per_s = weight_bytes * (tokens // new_tokens) * steps_per_s / 1e9
+    return {f"{prefix}_tokens_per_s": round(tokens / elapsed, 2), f"{prefix}_prefill_s": round(prefill, 4),
+            f"{prefix}_weight_gb_per_s": round(gb_per_s, 2),
+            f"{prefix}_fraction_of_read_limit": round(gb_per_s / limit, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=128, help="greedy tokens per sequence (at least 2)")
+    parser.add_argument("--prompt_len", type=int, default=16,
+                        help="random prompt tokens per sequence; long-context run: e.g. 1024 (up to 2048 - new_tokens)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per framework (default 1: see the module docstring)")
     parser.add_argument("--quant", choices=("w8a16",), default=None,
                         help="also time our model with this weight quantization (same weights)")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new_tokens must be at least 2 (the first new token is the prefill's)")
+    if args.prompt_len < 1 or args.prompt_len + args.new_tokens > 2048:
+        parser.error(f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} must fit the 2048 positions "
+                     "the bench models have")
+    limit = read_limit_gb_per_s()
 
     import mindspore as ms
     import torch
@@ -178,25 +158,30 @@ def main() -> None:
         rng = np.random.RandomState(0)
         for batch in args.batches:
             prompts = rng.randint(3, CONFIGS[name]["vocab_size"], size=(batch, args.prompt_len))
-            ours_s, ours_ids = time_ours(ours, prompts, args.new_tokens)
-            hf_s, hf_ids = time_hf(hf, prompts, args.new_tokens)
+            ours_s, ours_prefill, ours_ids = time_ours(ours, prompts, args.new_tokens)
+            hf_s, hf_prefill, hf_ids = time_hf(hf, prompts, args.new_tokens)
             tokens = batch * args.new_tokens
+            weight_bytes = weight_bytes_per_token(ours, batch)  # HF's model holds the same weights
             line = {
                 "bench": "decode", "model": name, "batch": batch, "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens, "threads": args.threads,
-                "ours_tokens_per_s": round(tokens / ours_s, 2), "hf_tokens_per_s": round(tokens / hf_s, 2),
+                **decode_figures("ours", ours_s, ours_prefill, tokens, args.new_tokens, weight_bytes, limit),
+                **decode_figures("hf", hf_s, hf_prefill, tokens, args.new_tokens, weight_bytes, limit),
                 "ratio_ours_over_hf": round(hf_s / ours_s, 3),
                 "same_ids": bool(np.array_equal(ours_ids, hf_ids)),
-                "ours_weight_bytes_per_token": weight_bytes_per_token(ours, batch),
+                "ours_weight_bytes_per_token": weight_bytes,
+                "read_limit_gb_per_s": round(limit, 2),
             }
             if quantized is not None:
-                quant_s, quant_ids = time_ours(quantized, prompts, args.new_tokens)
+                quant_s, quant_prefill, quant_ids = time_ours(quantized, prompts, args.new_tokens)
+                quant_bytes = weight_bytes_per_token(quantized, batch)
                 line.update({
-                    f"ours_{args.quant}_tokens_per_s": round(tokens / quant_s, 2),
+                    **decode_figures(f"ours_{args.quant}", quant_s, quant_prefill, tokens, args.new_tokens,
+                                     quant_bytes, limit),
                     f"ratio_{args.quant}_over_hf": round(hf_s / quant_s, 3),
                     f"ratio_{args.quant}_over_ours_float": round(ours_s / quant_s, 3),
                     f"{args.quant}_same_ids_fraction": round(float(np.mean(quant_ids == ours_ids)), 4),
-                    f"ours_{args.quant}_weight_bytes_per_token": weight_bytes_per_token(quantized, batch),
+                    f"ours_{args.quant}_weight_bytes_per_token": quant_bytes,
                 })
             print(json.dumps(line), flush=True)
 

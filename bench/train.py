@@ -16,6 +16,10 @@ give the same losses step by step.
     python bench/train.py --models bigcode-tiny bigcode-150m
     python bench/train.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA, DeepSeekMoE)
     python bench/train.py --models tiny --steps 5 --batch 2 --seq 64
+    python bench/train.py --models ds2-moe-150m --experts 8 16 64   # MoE sweep: tokens/s per routed expert count
+
+With ``--experts`` each DeepSeek-V2 model runs once per E (its top-k and expert size kept) and a
+``train_experts_sweep`` line sums it up: tokens/s per E and the step time relative to the first E.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 os.environ.setdefault("LOG_MF_PATH", os.path.join(tempfile.gettempdir(), "mindformers_ext_bench_logs"))
 os.environ.setdefault("GLOG_v", "3")
@@ -33,91 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-# HF LlamaConfig fields; "tiny" is configs/deepseek1_5/finetune_tiny.yaml's shape with a 512 vocabulary
-CONFIGS = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-    "llama-150m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                       num_attention_heads=16),
-}
-# GPT-BigCode (WizardCoder / StarCoder architecture): HF GPTBigCodeConfig fields; multi-query, tied LM head
-BIGCODE_CONFIGS = {
-    "bigcode-tiny": dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4),
-    "bigcode-150m": dict(vocab_size=49152, n_embd=1024, n_layer=10, n_head=16),  # 158M parameters
-}
-CONFIGS.update(BIGCODE_CONFIGS)
-# DeepSeek-V2 (MLA + DeepSeekMoE): HF DeepseekV2Config fields. "ds2-tiny" has the tests' "full" structure (low-rank q,
-# a dense layer then MoE layers, group-limited routing); "ds2-moe-150m": 153M parameters (16 routed experts of
-# which 4 per token + 1 shared, so ~65M active per token)
-DS2_CONFIGS = {
-    "ds2-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                     q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=24,
-                     first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                     routed_scaling_factor=2.5),
-    "ds2-moe-150m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-                         num_attention_heads=12, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-                         qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=1,
-                         num_experts_per_tok=4, moe_intermediate_size=448, first_k_dense_replace=1,
-                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.0),
-}
-CONFIGS.update(DS2_CONFIGS)
-# HF 4.57's DeepseekV2 has no balance loss; without it both sides compute the same loss
-DS2_TRAIN = dict(aux_loss_alpha=0.0)
+from bench.models import CONFIGS, build_hf, family  # noqa: E402  (shared with bench/decode.py)
+
 OPTIM = dict(learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
 MAX_GRAD_NORM = 1.0
-
-
-def build_hf_bigcode(name: str, path: str):
-    """A random HF GPT-BigCode (no dropout, so both sides compute the same loss) saved to ``path``."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPTBigCodeConfig(n_positions=2048, multi_query=True, activation_function="gelu",
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                           eos_token_id=0, pad_token_id=0, **BIGCODE_CONFIGS[name])
-    transformers.GPTBigCodeForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    model = transformers.GPTBigCodeForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    model.train()
-    return model
-
-
-def build_hf_ds2(name: str, path: str):
-    """A random HF DeepseekV2ForCausalLM saved to ``path``, router weights scaled up (decisive routing)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.DeepseekV2Config(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                                           pad_token_id=0, tie_word_embeddings=False, **DS2_CONFIGS[name],
-                                           **DS2_TRAIN)
-    model = transformers.DeepseekV2ForCausalLM(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 1.0)
-    model.save_pretrained(path, safe_serialization=True)
-    model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    model.train()
-    return model
-
-
-def build_hf(name: str, path: str):
-    """A random HF Llama saved to ``path`` (the MindSpore side loads the same file)."""
-    import torch
-    import transformers
-
-    if name in BIGCODE_CONFIGS:
-        return build_hf_bigcode(name, path)
-    if name in DS2_CONFIGS:
-        return build_hf_ds2(name, path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                      tie_word_embeddings=False, **CONFIGS[name])
-    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    model = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    model.train()
-    return model
 
 
 def time_torch(model, batches: list[np.ndarray], warmup: int) -> tuple[list[float], list[float]]:
@@ -161,8 +85,8 @@ def build_ours(hf_dir: str, seq: int, optimizer_type: str):
     params = model.trainable_params()
     groups = [{"params": [p for p in params if len(p.shape) > 1], "weight_decay": OPTIM["weight_decay"]},
               {"params": [p for p in params if len(p.shape) <= 1], "weight_decay": 0.0}]
-    optimizer = build_optim({"type": optimizer_type, "learning_rate": OPTIM["learning_rate"], "betas": list(OPTIM["betas"]),
-                             "eps": OPTIM["eps"], "weight_decay": OPTIM["weight_decay"]},
+    optimizer = build_optim({"type": optimizer_type, "learning_rate": OPTIM["learning_rate"],
+                             "betas": list(OPTIM["betas"]), "eps": OPTIM["eps"], "weight_decay": OPTIM["weight_decay"]},
                             default_args={"params": groups})
     step = PortableTrainOneStepCell(model, optimizer, use_clip_grad=True, max_grad_norm=MAX_GRAD_NORM,
                                     scale_sense=1.0)
@@ -189,7 +113,9 @@ def time_ours(step, batches: list[np.ndarray], warmup: int) -> tuple[list[float]
 
 
 def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int,
-          optimizer_type: str = "PortableAdamW") -> dict:
+          optimizer_type: str = "PortableAdamW", experts: Optional[int] = None) -> dict:
+    """One model's line; ``experts`` replaces a DeepSeek-V2 model's routed expert count (same top-k and
+    expert size)."""
     import mindspore as ms
     import torch
 
@@ -199,7 +125,7 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
     rng = np.random.default_rng(0)
     batches = [rng.integers(3, vocab, size=(batch, seq + 1)) for _ in range(warmup + steps)]
     with tempfile.TemporaryDirectory() as hf_dir:
-        hf = build_hf(name, hf_dir)
+        hf = build_hf(name, hf_dir, train=True, overrides=None if experts is None else {"n_routed_experts": experts})
         params = sum(p.numel() for p in hf.parameters())
         torch_times, torch_loss = time_torch(hf, batches, warmup)
         del hf
@@ -208,7 +134,9 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
     tokens = batch * seq
     ms_tps = tokens / statistics.median(ms_times)
     torch_tps = tokens / statistics.median(torch_times)
-    return {"bench": "train", "model": name, "params_m": round(params / 1e6, 1), "batch": batch, "seq_length": seq,
+    shape = {} if experts is None else {"experts": experts, "top_k": CONFIGS[name]["num_experts_per_tok"]}
+    return {"bench": "train", "model": name, **shape, "params_m": round(params / 1e6, 1), "batch": batch,
+            "seq_length": seq,
             "timed_steps": steps, "threads": threads, "optimizer": optimizer_type,
             "mindspore_tokens_per_s": round(ms_tps, 1), "torch_tokens_per_s": round(torch_tps, 1),
             "ratio_ours_over_torch": round(ms_tps / torch_tps, 3),
@@ -230,12 +158,39 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--optimizer", default="PortableAdamW", choices=("PortableAdamW", "AdamW"),
                         help="our side's optimizer (default: the fused one run_mindformer.py uses on CPU)")
+    parser.add_argument("--experts", nargs="+", type=int, default=None, metavar="E",
+                        help="MoE sweep: run each DeepSeek-V2 model once per routed expert count E (same top-k and "
+                             "expert size) and print tokens/s per E")
     args = parser.parse_args(argv)
+    if args.experts:
+        dense = [name for name in args.models if family(name) != "deepseek2"]
+        if dense:
+            parser.error(f"--experts sweeps DeepSeek-V2 models (ds2-*); {', '.join(dense)} has no routed experts")
+        for name in args.models:
+            groups = CONFIGS[name].get("n_group", 1)
+            bad = [e for e in args.experts if e % groups or e < CONFIGS[name]["num_experts_per_tok"]]
+            if bad:
+                parser.error(f"--experts {bad}: {name} routes top-{CONFIGS[name]['num_experts_per_tok']} in "
+                             f"{groups} groups, so E must be a multiple of {groups} and at least the top-k")
     import mindspore as ms
 
     ms.set_device("CPU")
     for name in args.models:
-        print(json.dumps(bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer)),
+        if not args.experts:
+            print(json.dumps(bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer)),
+                  flush=True)
+            continue
+        lines = [bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer, e)
+                 for e in args.experts]
+        for line in lines:
+            print(json.dumps(line), flush=True)
+        base = lines[0]
+        print(json.dumps({"bench": "train_experts_sweep", "model": name, "top_k": base["top_k"],
+                          "experts": args.experts,
+                          "mindspore_tokens_per_s": [line["mindspore_tokens_per_s"] for line in lines],
+                          "torch_tokens_per_s": [line["torch_tokens_per_s"] for line in lines],
+                          f"mindspore_step_time_over_E{base['experts']}":
+                              [round(line["mindspore_step_s"] / base["mindspore_step_s"], 3) for line in lines]}),
               flush=True)
 
 

@@ -144,6 +144,16 @@ class AtomicMindRecordWriter:
         if missing:
             raise RuntimeError(f"MindRecord writer did not produce {missing}")
         self.check_output()  # something may have appeared meanwhile
+        # FileWriter.commit leaves its files 0600; give them a new file's usual mode (0666 less the umask)
+        mode = 0o666 & ~_umask()
         # Index files first: the data file appearing last marks a complete output.
         for path in sorted(produced, key=lambda p: not p.endswith(".db")):
+            os.chmod(path, mode)
             os.replace(path, os.path.join(parent, os.path.basename(path)))
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -7,20 +7,37 @@ import argparse
 import glob
 import os
 import sys
-from typing import Callable, List, Optional, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 from tqdm import tqdm
 
 from mindformers_ext.interrupts import Interrupted
 
 from .mindrecord_io import AtomicMindRecordWriter
-from .records import read_records
+from .records import InstructionRecord, read_records
 from .sft import PreprocessStats, SFTEncoder
 from .templates import PromptTemplate
 
 __all__ = ["expand_inputs", "preprocess_to_mindrecord", "add_common_arguments", "run_cli", "cli_exit"]
 
-_BATCH = 256
+_BATCH = 1024  # records tokenised (one batch on the tokenizer's backend) and written per MindRecord call
+
+
+def _read_all(input_files: Sequence[str], bar: tqdm) -> Iterator[InstructionRecord]:
+    for path in input_files:
+        bar.set_postfix_str(os.path.basename(path))
+        yield from read_records(path)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while True:
+        chunk = list(islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
 
 
 def expand_inputs(input_glob: str) -> List[str]:
@@ -67,20 +84,25 @@ def preprocess_to_mindrecord(input_files: Sequence[str], output_file: str, token
                                     desc=desc or f"sft-{template.name}")
     writer.check_output()
     disable = (not sys.stderr.isatty()) if progress is None else not progress
-    with writer, tqdm(desc="preprocess", unit=" records", disable=disable) as bar:
-        batch = []
-        for path in input_files:
-            bar.set_postfix_str(os.path.basename(path))
-            for record in read_records(path):
-                sample, status = encoder.encode(record)
-                stats.add(status)
-                bar.update(1)
-                if sample is not None:
-                    batch.append(sample.as_dict())
-                    if len(batch) >= _BATCH:
-                        writer.write(batch)
-                        batch = []
-        writer.write(batch)
+
+    def write(encoded: Future):
+        input_ids, labels, statuses = encoded.result()
+        for status in statuses:
+            stats.add(status)
+        writer.write([{"input_ids": ids, "labels": lab} for ids, lab in zip(input_ids, labels)])
+        bar.update(len(statuses))
+
+    # One chunk is tokenised (Rust, without the GIL) in a worker thread while the previous one is written.
+    with writer, tqdm(desc="preprocess", unit=" records", disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for records in _chunks(_read_all(input_files, bar), _BATCH):
+            encoded = pool.submit(encoder.encode_many, records)
+            if pending is not None:
+                write(pending)
+            pending = encoded
+        if pending is not None:
+            write(pending)
         if stats.written == 0:
             raise ValueError(nothing_written(stats, output_file, seq_length))
     return stats
