@@ -333,7 +333,8 @@ def test_hf_config_translation_round_trips():
         deepseek2_kwargs_from_hf({"hidden_size": 8}, "x/config.json")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [v if v in ("full", "lite") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])  # YaRN changes no cache code: slow tier
 def test_paged_cache_matches_contiguous_cache(tiny, variant):
     """MLA's latent + rope key in the serving engine's paged cache (absorbed decode over gathered
     blocks, MoE expert gather) gives the contiguous cache's greedy ids and step logits within 2e-5,

@@ -113,7 +113,8 @@ def test_generate_checks_the_context_with_rope_scaling(pairs, variant, context):
         ours.generate([[5] * (context - 10)], max_new_tokens=11)
 
 
-@pytest.mark.parametrize("variant", ["v1_5", "v1_linear", "gqa", "yarn"])
+@pytest.mark.parametrize("variant", ["v1_5", "gqa", pytest.param("v1_linear", marks=pytest.mark.slow),
+                                     pytest.param("yarn", marks=pytest.mark.slow)])
 def test_paged_cache_matches_contiguous_cache(pairs, variant):
     """Greedy decoding over the serving engine's paged cache (block size 4, rows joining the running
     batch at steps 0, 2 and 5) gives the contiguous cache's ids and step logits within 1e-5. Dynamic

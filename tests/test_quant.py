@@ -216,6 +216,7 @@ def test_w8a16_checkpoint_errors_name_the_tensor(tmp_path):
         load_checkpoint_w8a16(build_from_hf_config(read_hf_config(path), use_past=False)[0], bad)
 
 
+@pytest.mark.slow  # two run_mindformer.py subprocesses (20 s); load-time and converter quantisation are tested in process
 def test_run_mindformer_quant_w8a16_predicts_the_dequantised_models_tokens(tmp_path):
     """run_mindformer.py --quant w8a16 (KV cache, greedy): with the converter's int8 checkpoint (loaded
     as it is) and with the float checkpoint (quantized after loading), the tokens of HF generate on

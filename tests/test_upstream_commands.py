@@ -119,6 +119,7 @@ def _mindrecord_rows(path: str) -> list:
         reader.close()
 
 
+@pytest.mark.slow  # one subprocess each (about 75 s together); the README commands test covers ours by default
 @pytest.mark.parametrize("where,command,expected", UPSTREAM_COMMANDS, ids=[c[0] for c in UPSTREAM_COMMANDS])
 def test_upstream_command(where, command, expected, stand_ins, tmp_path):
     values = dict(stand_ins, tmp=str(tmp_path))
