@@ -324,8 +324,13 @@ def test_evaluator_secrets_are_not_readable(cli, tmp_path, monkeypatch, capsys):
     holder = subprocess.Popen(["sleep", "60"], env={"PATH": "/usr/bin:/bin",
                                                     "AWS_SECRET_ACCESS_KEY": secret},
                               start_new_session=True)
-    with open(f"/proc/{holder.pid}/environ", "rb") as fh:
-        assert secret.encode() in fh.read()
+    deadline = time.time() + 10  # until the child has exec'd (before that its environ can read empty)
+    while True:
+        with open(f"/proc/{holder.pid}/environ", "rb") as fh:
+            if secret.encode() in fh.read():
+                break
+        assert time.time() < deadline, "the stand-in process never showed the secret in its environ"
+        time.sleep(0.01)
     token = secrets.token_hex(6)
     leak_paths = [str(tmp_path / "leak.txt"), f"/tmp/mfx_leak_{token}",
                   os.path.join(_REPO, f".mfx_leak_{token}")]
