@@ -69,7 +69,7 @@ def _check(ours, prompts, reference):
     assert np.median(paged_errors) <= 1e-5 and paged_errors.max() <= 5e-3, np.round(paged_errors, 6)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "bigcode_mqa"])
+@pytest.mark.parametrize("family", [pytest.param("llama_gqa", marks=pytest.mark.slow), "bigcode_mqa"])  # same cache code
 def test_int8_kv_cache_matches_hf_with_int8_keys_and_values(tmp_path, family):
     if family == "llama_gqa":
         path = make_tiny_llama(str(tmp_path / "hf"), seed=50, num_key_value_heads=2)
