@@ -69,7 +69,8 @@ def demo_network(w8a16: bool, kv_int8: bool):
     from mindformers.models.build_model import build_network
     from mindformers.tools.register import MindFormerConfig
 
-    import mindformers_ext  # noqa: F401  registers our classes
+    from mindformers_ext import load_families
+    load_families()  # our classes in MindFormers' registry
     from mindformers_ext.quant import quantize_model
     from mindformers_ext.runner.predict import load_weights
 
