@@ -24,18 +24,8 @@ from research.wizardcoder import wizardcoder_preprocess as wc_pre  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = -100
 
-DEEPSEEK_PROMPT = (
-    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, "
-    "and you only answer questions related to computer science. For politically sensitive questions, security "
-    "and privacy issues, and other non-computer science questions, you will refuse to answer.\n"
-    "### Instruction:\n{}\n### Response:\n")
-ALPACA_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:")
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{}\n\n### Response:")
+# the prompt templates written out independently of the code under test (shared with test_preprocess)
+from test_preprocess import ALPACA_INPUT, ALPACA_NO_INPUT, DEEPSEEK_PROMPT  # noqa: E402
 
 
 def _bench_records(samples):
