@@ -1,14 +1,17 @@
-"""Serving throughput and latency: N streaming requests with Poisson arrivals vs the same requests one at
-a time, on the same server (tools/serve.py's app in this process, 127.0.0.1, the official openai client).
+"""Serving throughput and latency: N streaming requests sent together and with Poisson arrivals, vs the
+same requests one at a time, on the same server (``tools/serve.py`` started as its own process on
+127.0.0.1, as a deployment runs it; the official openai client in this process).
 
 Prints JSON lines:
   {"mode": "one_at_a_time", ...}   each request alone on an idle server: tokens/s, TTFT and inter-token
                                    latency p50 / p99
-  {"mode": "concurrent", ...}      the same requests arriving at --rate per second (Poisson)
-  {"mode": "summary", ...}         throughput ratio; concurrent p99 TTFT / idle p50 TTFT; ids identical
-  {"mode": "memory", ...}          resident memory at the start, half way and the end of --memory_requests
-                                   short requests, and free KV blocks after (a leak shows as growth in both
-                                   halves or missing blocks)
+  {"mode": "concurrent", ...}      the same requests sent at once (throughput)
+  {"mode": "poisson", ...}         the same requests arriving at --rate per second (latency under load)
+  {"mode": "summary", ...}         concurrent / one-at-a-time tokens per second; Poisson p99 TTFT / idle
+                                   p50 TTFT; texts identical to the one-at-a-time ones; requests lost
+  {"mode": "memory", ...}          the server's resident memory at the start, half way and the end of
+                                   --memory_requests short requests, and free KV blocks after (from
+                                   /metrics; a leak shows as growth in both halves or missing blocks)
 
     python bench/serve.py                               # demo model, 16 requests x 64 tokens, rate 8/s
     python bench/serve.py --requests 32 --rate 4 --max_tokens 128 --memory_requests 0
@@ -21,10 +24,11 @@ import concurrent.futures
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 
 os.environ.setdefault("LOG_MF_PATH", os.path.join(tempfile.gettempdir(), "mindformers_ext_bench_logs"))
 os.environ.setdefault("GLOG_v", "3")
@@ -39,8 +43,8 @@ PROMPTS = ["def __init__(self", "import os\nimport sys\n\ndef main():", "class S
            "from collections import", "with open(path) as f:", "class Error(Exception):", "def parse(text):"]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -67,6 +71,14 @@ def _stream(client, model, prompt, max_tokens, start_at=None):
     return "".join(text), stamps[0] - sent, gaps, max_tokens, stamps[-1]
 
 
+def _concurrently(client, model, prompts, max_tokens, send_at) -> tuple:
+    """(results, seconds from the first send to the last token) of streams sent at the ``send_at`` times."""
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(_stream, client, model, prompt, max_tokens, t) for prompt, t in zip(prompts, send_at)]
+        results = [f.result() for f in futures]
+    return results, max(r[4] for r in results) - min(send_at)
+
+
 def _report(mode, results, elapsed, **extra):
     tokens = sum(r[3] for r in results)
     ttft = [r[1] for r in results]
@@ -91,22 +103,53 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import uvicorn  # pylint: disable=import-outside-toplevel
     from openai import OpenAI  # pylint: disable=import-outside-toplevel
 
-    from mindformers_ext.serving.loading import load_config_model, serve_app  # pylint: disable=import-outside-toplevel
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, os.path.join(REPO, "tools", "serve.py"), "--config", args.config, "--port", str(port),
+           "--max_num_seqs", str(args.max_num_seqs), "--log_level", "warning"]
+    if args.load_checkpoint:
+        cmd += ["--load_checkpoint", args.load_checkpoint]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(server, base, log)
+            client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
+            return _bench(args, client, server.pid, base)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
-    os.chdir(REPO)
-    model, tokenizer, name, family = load_config_model(args.config, args.load_checkpoint)
-    app = serve_app(model, tokenizer, name, family, max_num_seqs=args.max_num_seqs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+def _wait_ready(server: subprocess.Popen, base: str, log) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"tools/serve.py exited with {server.returncode}:\n"
+                             f"{log.read().decode(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("tools/serve.py did not answer /health within 600 s")
+
+
+def _metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(f"/metrics has no {name}")
+
+
+def _bench(args, client, pid: int, base: str) -> int:
+    name = client.models.list().data[0].id
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     _stream(client, name, prompts[0], 4)  # warm the HTTP path
 
@@ -114,36 +157,33 @@ def main(argv=None) -> int:
     alone = [_stream(client, name, prompt, args.max_tokens) for prompt in prompts]
     one = _report("one_at_a_time", alone, time.monotonic() - start)
 
+    together = _concurrently(client, name, prompts, args.max_tokens, [time.monotonic() + 0.05] * len(prompts))
+    conc = _report("concurrent", together[0], together[1], max_num_seqs=args.max_num_seqs)
     rng = np.random.default_rng(args.seed)
-    start = time.monotonic() + 0.05
-    arrivals = start + np.cumsum(rng.exponential(1.0 / args.rate, size=len(prompts))) - 1.0 / args.rate
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(_stream, client, name, prompt, args.max_tokens, t) for prompt, t in zip(prompts, arrivals)]
-        together = [f.result() for f in futures]
-    conc = _report("concurrent", together, max(r[4] for r in together) - start, rate=args.rate,
-                   max_num_seqs=args.max_num_seqs)
+    arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=len(prompts))) - 1.0 / args.rate
+    poisson = _concurrently(client, name, prompts, args.max_tokens, list(arrivals))
+    loaded = _report("poisson", poisson[0], poisson[1], rate=args.rate, max_num_seqs=args.max_num_seqs)
+    texts = [a[0] for a in alone]
     print(json.dumps({"bench": "serve", "mode": "summary",
                       "throughput_ratio": round(conc["tokens_per_second"] / one["tokens_per_second"], 2),
-                      "ttft_p99_loaded_over_p50_idle": round(conc["ttft_p99"] / one["ttft_p50"], 2),
-                      "same_text_as_alone": [a[0] for a in alone] == [b[0] for b in together],
-                      "lost": args.requests - len(together)}), flush=True)
+                      "ttft_p99_loaded_over_p50_idle": round(loaded["ttft_p99"] / one["ttft_p50"], 2),
+                      "same_text_as_alone": texts == [r[0] for r in together[0]] == [r[0] for r in poisson[0]],
+                      "lost": 2 * args.requests - len(together[0]) - len(poisson[0])}), flush=True)
 
     if args.memory_requests:
-        engine = app.state.served.engine
-        rss = [round(_rss_mb(), 1)]
+        rss = [round(_rss_mb(pid), 1)]
         half = args.memory_requests // 2
         for count in (half, args.memory_requests - half):  # RSS after each half: a leak keeps growing
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda i: client.completions.create(
                     model=name, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=4).choices[0].text, range(count)))
-            while engine.stats()["running"] or engine.stats()["waiting"]:
+            while _metric(base, "mfx_running_requests") or _metric(base, "mfx_queue_length"):
                 time.sleep(0.05)
-            rss.append(round(_rss_mb(), 1))
-        stats = engine.stats()
+            rss.append(round(_rss_mb(pid), 1))
         print(json.dumps({"bench": "serve", "mode": "memory", "requests": args.memory_requests,
-                          "rss_mb_start_half_end": rss, "free_blocks": stats["free_blocks"],
-                          "num_blocks": stats["num_blocks"]}), flush=True)
-    server.should_exit = True
+                          "rss_mb_start_half_end": rss,
+                          "free_blocks": int(_metric(base, "mfx_kv_cache_free_blocks")),
+                          "num_blocks": int(_metric(base, "mfx_kv_cache_blocks"))}), flush=True)
     return 0
 
 

@@ -17,7 +17,7 @@ MindIR exporter read the layout from the spec only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -214,13 +214,18 @@ class PagedKVCache:
     returned to the free list when it is freed. The step graphs get, instead of one slot per row,
     ``(positions (B, S), table (B, L))``: where the new tokens go and the pool positions of each
     row's first L tokens (:class:`CacheWriter`, :func:`read_cache`).
+
+    One extra block past ``num_blocks`` is never handed out: padding rows of a decode batch (rounded
+    up to a compiled batch size) write there and read only there.
     """
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int = 16, dtype=ms.float32) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
-        self.tensors = tuple(ops.zeros(shape, dt) for shape, dt in spec.shapes(1, num_blocks * block_size, dtype))
+        self.tensors = tuple(ops.zeros(shape, dt)
+                             for shape, dt in spec.shapes(1, (num_blocks + 1) * block_size, dtype))
+        self.scratch = num_blocks * block_size  # pool position of the padding rows' block
         self.free_blocks = list(range(num_blocks))
         self.tables: dict = {}   # sequence id -> its blocks
         self.lengths: dict = {}  # sequence id -> tokens written
@@ -257,21 +262,36 @@ class PagedKVCache:
         return (np.asarray(table, np.int32)[tokens // self.block_size] * self.block_size
                 + tokens % self.block_size).astype(np.int32)
 
-    def prefill(self, seq_id, count: int) -> tuple:
-        """(mask (1, 1, S, S), (positions, table)) to write a new sequence's ``count`` prompt tokens."""
-        if self.lengths[seq_id]:
-            raise ValueError(f"sequence {seq_id!r} already holds {self.lengths[seq_id]} tokens")
-        positions = self._positions(seq_id, 0, count)[None]
-        self.lengths[seq_id] = count
-        mask = padded_causal_mask(np.ones((1, count), dtype=bool))
+    def prefill(self, seq_ids: Sequence, counts: Sequence[int]) -> tuple:
+        """(mask (B, 1, S, S), (positions, table) (B, S)) to write the prompts of new sequences, ``counts[b]``
+        tokens for ``seq_ids[b]``, left-padded to the longest (padding writes to the scratch block and is
+        masked)."""
+        width = max(counts)
+        positions = np.full((len(seq_ids), width), self.scratch, np.int32)
+        for row, (seq_id, count) in enumerate(zip(seq_ids, counts)):
+            if self.lengths[seq_id]:
+                raise ValueError(f"sequence {seq_id!r} already holds {self.lengths[seq_id]} tokens")
+            positions[row, width - count:] = self._positions(seq_id, 0, count)
+            self.lengths[seq_id] = count
+        valid = np.arange(width)[None, :] >= width - np.asarray(counts)[:, None]
+        mask = padded_causal_mask(valid)
         return Tensor(mask), (Tensor(positions), Tensor(positions))
 
-    def decode(self, seq_ids: Sequence) -> tuple:
-        """(mask (B, 1, 1, L), (positions (B, 1), table (B, L))) for one new token of each sequence."""
-        lengths = np.array([self.lengths[s] + 1 for s in seq_ids])
-        width = int(lengths.max())
-        table = np.zeros((len(seq_ids), width), np.int32)
-        positions = np.zeros((len(seq_ids), 1), np.int32)
+    def decode(self, seq_ids: Sequence, rows: Optional[int] = None, width: Optional[int] = None) -> tuple:
+        """(mask (B, 1, 1, L), (positions (B, 1), table (B, L))) for one new token of each sequence.
+
+        ``rows`` / ``width`` pad B and L up to a compiled shape: padding rows write to and read the
+        scratch block, padding columns are masked."""
+        lengths = np.array([self.lengths[s] + 1 for s in seq_ids], np.int64)
+        longest = int(lengths.max(initial=1))
+        rows = len(seq_ids) if rows is None else rows
+        width = longest if width is None else width
+        if rows < len(seq_ids) or width < longest:
+            raise ValueError(f"decode: {len(seq_ids)} rows of up to {longest} tokens do not fit "
+                             f"the padded shape ({rows}, {width})")
+        table = np.full((rows, width), self.scratch, np.int32)
+        positions = np.full((rows, 1), self.scratch, np.int32)
+        lengths = np.concatenate([lengths, np.ones(rows - len(seq_ids), lengths.dtype)])
         for row, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
             table[row, :length] = self._positions(seq_id, 0, int(length))
             positions[row, 0] = table[row, length - 1]

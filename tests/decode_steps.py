@@ -71,12 +71,15 @@ def hf_cached_batch_logits(hf_model, prompts: list[list[int]], sequences, pad: i
     return np.stack(out)
 
 
+JOINS = (0, 0, 3)  # the paged parity tests' three rows: two prefilled together, one joining later
+
+
 def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joins=None, block_size: int = 4):
     """(sequences, logits (steps, batch, vocab)) of greedy decoding over a shared paged KV cache.
 
     Row r joins the running batch at engine step ``joins[r]`` (default: all at step 0): it is
-    prefilled alone, then decodes together with whichever rows are running, as the serving
-    engine's scheduler does. ``logits[t, r]`` is row r's t-th step, comparable with
+    prefilled with the rows joining at the same step (left-padded), then decodes together with
+    whichever rows are running, as the serving engine's scheduler does. ``logits[t, r]`` is row r's t-th step, comparable with
     :func:`generate_with_logits`.
     """
     from mindspore import Tensor
@@ -93,19 +96,27 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
     tick = 0
     while any(len(g) < steps for g in generated):
         running = [r for r in range(len(prompts)) if joins[r] < tick and 0 < len(generated[r]) < steps]
-        for r in range(len(prompts)):
-            if joins[r] == tick:
+        joining = [r for r in range(len(prompts)) if joins[r] == tick]
+        if joining:  # prefilled together, left-padded to the longest
+            width = max(len(prompts[r]) for r in joining)
+            ids, position_ids = np.zeros((2, len(joining), width), np.int32)
+            for row, r in enumerate(joining):
                 cache.add(r, len(prompts[r]) + steps)
-                mask, (pos, table) = cache.prefill(r, len(prompts[r]))
-                out = prefill(Tensor(np.array([prompts[r]], np.int32)),
-                              Tensor(np.arange(len(prompts[r]), dtype=np.int32)[None]), mask, pos, table, *cache.tensors)
-                cache.update(out[1:])
-                logits[r].append(out[0].asnumpy()[0, -1])
+                ids[row, width - len(prompts[r]):] = prompts[r]
+                position_ids[row, width - len(prompts[r]):] = np.arange(len(prompts[r]))
+            mask, (pos, table) = cache.prefill(joining, [len(prompts[r]) for r in joining])
+            out = prefill(Tensor(ids), Tensor(position_ids), mask, pos, table, *cache.tensors)
+            cache.update(out[1:])
+            for row, r in enumerate(joining):
+                logits[r].append(out[0].asnumpy()[row, -1])
                 generated[r].append(int(logits[r][-1].argmax()))
         if running:
             ids = np.array([[generated[r][-1]] for r in running], np.int32)
             positions = np.array([[len(prompts[r]) + len(generated[r]) - 1] for r in running], np.int32)
-            mask, (pos, table) = cache.decode(running)
+            # padded as the engine pads to its compiled shapes: one more row, four more columns
+            rows, width = len(running) + 1, max(len(prompts[r]) + len(generated[r]) for r in running) + 4
+            ids, positions = (np.concatenate([a, np.zeros((1, 1), np.int32)]) for a in (ids, positions))
+            mask, (pos, table) = cache.decode(running, rows, width)
             out = decode(Tensor(ids), Tensor(positions), mask, pos, table, *cache.tensors)
             cache.update(out[1:])
             for row, r in enumerate(running):
@@ -121,10 +132,10 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
 
 
 def assert_paged_matches_contiguous(model, prompts: list[list[int]], tolerance: float = 1e-5, steps: int = 24) -> None:
-    """Greedy decoding over the paged cache (rows joining at steps 0, 2 and 5) gives the contiguous
-    cache's ids, and step logits within ``tolerance``."""
+    """Greedy decoding over the paged cache (rows 0 and 1 prefilled together, row 2 joining at step 3,
+    decode batches padded) gives the contiguous cache's ids, and step logits within ``tolerance``."""
     sequences, logits = generate_with_logits(model, prompts, steps=steps)
-    paged_sequences, paged_logits = paged_greedy_logits(model, prompts, steps=steps, joins=(0, 2, 5))
+    paged_sequences, paged_logits = paged_greedy_logits(model, prompts, steps=steps, joins=JOINS)
     assert [s.tolist() for s in paged_sequences] == [s.tolist() for s in sequences]
     error = float(np.abs(paged_logits - logits).max())
     assert error <= tolerance, f"paged vs contiguous step logits differ by {error}"

@@ -338,9 +338,10 @@ def test_hf_config_translation_round_trips():
 def test_paged_cache_matches_contiguous_cache(tiny, variant):
     """MLA's latent + rope key in the serving engine's paged cache (absorbed decode over gathered
     blocks, MoE expert gather) gives the contiguous cache's greedy ids and step logits within 2e-5,
-    rows joining the running batch at steps 0, 2 and 5. (2e-5, not 1e-5: the contiguous cache itself
-    differs by up to 1.0e-5 between a prompt run alone and in the left-padded batch, float32 rounding
-    of other matmul shapes; measured paged vs contiguous 1.0e-5 / 1.1e-5, logits up to 4.4.)"""
+    rows 0 and 1 prefilled together, row 2 joining at step 3, decode batches padded. (2e-5, not 1e-5:
+    the contiguous cache itself differs by up to 1.0e-5 between a prompt run alone and in the
+    left-padded batch, float32 rounding of other matmul shapes; measured paged vs contiguous
+    1.0e-5 / 1.1e-5, logits up to 4.4.)"""
     ours = tiny[variant][0]
     prompts = _prompts([5, 12, 9], seed=4)
     assert_paged_matches_contiguous(ours, prompts, tolerance=2e-5)

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from conftest import make_tiny_llama
-from decode_steps import generate_with_logits, paged_greedy_logits, random_prompts
+from decode_steps import JOINS, generate_with_logits, paged_greedy_logits, random_prompts
 from deepseek2_reference import fake_int8, make_tiny_deepseek2, one_torch_thread, reference_forward
 from mindformers_ext import load_hf_model
 from mindformers_ext.cache import KVCache
@@ -62,8 +62,8 @@ def _check(ours, prompts, reference):
     # round to either neighbour (one int8 step, ~1e-3 in the logits of later steps). A wrong scale,
     # axis or layout moves every step by 1e-2 or more.
     assert np.median(errors) <= 1e-4 and max(errors) <= 5e-3, f"step-logit errors {np.round(errors, 6)}"
-    # the serving engine's paged pool stores the same int8 values and scales (rows joining at steps 0, 2, 5)
-    paged_sequences, paged_logits = paged_greedy_logits(ours, prompts, STEPS, joins=(0, 2, 5))
+    # the serving engine's paged pool stores the same int8 values and scales (two rows prefilled together, one joining later)
+    paged_sequences, paged_logits = paged_greedy_logits(ours, prompts, STEPS, joins=JOINS)
     assert [s.tolist() for s in paged_sequences] == [s.tolist() for s in sequences]
     paged_errors = np.abs(paged_logits - logits).max(-1)
     assert np.median(paged_errors) <= 1e-5 and paged_errors.max() <= 5e-3, np.round(paged_errors, 6)

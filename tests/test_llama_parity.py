@@ -116,8 +116,8 @@ def test_generate_checks_the_context_with_rope_scaling(pairs, variant, context):
 @pytest.mark.parametrize("variant", ["v1_5", "gqa", pytest.param("v1_linear", marks=pytest.mark.slow),
                                      pytest.param("yarn", marks=pytest.mark.slow)])
 def test_paged_cache_matches_contiguous_cache(pairs, variant):
-    """Greedy decoding over the serving engine's paged cache (block size 4, rows joining the running
-    batch at steps 0, 2 and 5) gives the contiguous cache's ids and step logits within 1e-5. Dynamic
+    """Greedy decoding over the serving engine's paged cache (block size 4, rows 0 and 1
+    prefilled together, row 2 joining at step 3, decode batches padded) gives the contiguous cache's ids and step logits within 1e-5. Dynamic
     NTK is left out: its frequencies follow the longest position of each call (as HF's), so they
     depend on the batch."""
     ours, _ = pairs[variant]

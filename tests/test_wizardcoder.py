@@ -199,7 +199,8 @@ def test_15b_yaml_passes_the_parallel_check_on_8_devices():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_paged_cache_matches_contiguous_cache(pairs, variant):
     """The serving engine's paged cache (multi-query: one K/V head per block row) gives the contiguous
-    cache's greedy ids and step logits within 1e-5, rows joining at steps 0, 2 and 5."""
+    cache's greedy ids and step logits within 1e-5, rows 0 and 1 prefilled together,
+    row 2 joining at step 3."""
     ours, _ = pairs[variant]
     prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=4)
     assert_paged_matches_contiguous(ours, prompts)

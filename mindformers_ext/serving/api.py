@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -123,14 +124,37 @@ def _token_id(tokenizer: Any, token: str) -> Optional[int]:
     return None
 
 
+class _Mailbox:
+    """Hands events from the engine's thread to the event loop with one wake-up for all that arrive
+    together (a decode step emits one event per running request; waking the loop for each costs a
+    system call and a loop turn while the step holds the interpreter)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Collector:
     """Receives the engine's events (in its thread) into an asyncio queue, tagged with the choice index."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, mailbox: _Mailbox) -> None:
+        self.mailbox, self.queue = mailbox, asyncio.Queue()
 
     def sink(self, index: int):
-        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        return lambda event: self.mailbox.put(self.queue, (index, event))
 
 
 def _sse(data: Any) -> str:
@@ -146,6 +170,14 @@ def build_app(served: ServedModel) -> FastAPI:
         fim_stops = tuple(fim_stop_token_ids(tokenizer, served.family))
     except KeyError:
         fim_stops = None  # no FIM tokens in this family: ``suffix`` is refused
+
+    mailboxes: dict = {}  # event loop -> its mailbox (one loop in practice)
+
+    def mailbox() -> _Mailbox:
+        loop = asyncio.get_running_loop()
+        if loop not in mailboxes:
+            mailboxes[loop] = _Mailbox(loop)
+        return mailboxes[loop]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -337,7 +369,7 @@ def build_app(served: ServedModel) -> FastAPI:
             reqs.append(GenerationRequest(ids, check_common(body, max_tokens, len(ids)), params, body.seed, stops,
                                           stop_ids, body.logprobs, body.ignore_eos))
         _validate(params)
-        collector = _Collector(asyncio.get_running_loop())
+        collector = _Collector(mailbox())
         ids = submit(reqs, collector)
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         prefix = [p if body.echo else "" for p in prompts]
@@ -382,7 +414,7 @@ def build_app(served: ServedModel) -> FastAPI:
         _validate(params)
         req = GenerationRequest(prompt_ids, max_tokens, params, body.seed, _stops(body.stop), chat_stops,
                                 ignore_eos=body.ignore_eos)
-        collector = _Collector(asyncio.get_running_loop())
+        collector = _Collector(mailbox())
         ids = submit([req], collector)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:

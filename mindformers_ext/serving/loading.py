@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from mindformers_ext.generation.sampling import SamplingParams
 from mindformers_ext.serving.api import ServedModel, build_app
-from mindformers_ext.serving.engine import Engine, GenerationRequest
+from mindformers_ext.serving.engine import Engine
 
 
 def load_config_model(config_path: str, load_checkpoint: Optional[str] = None, random_weights: bool = False,
@@ -62,7 +62,5 @@ def serve_app(model: Any, tokenizer: Any, name: str, family: str, warmup: bool =
     the first request does not wait for them."""
     engine = Engine(model, tokenizer, **engine_kwargs)
     if warmup:
-        engine.submit(GenerationRequest([int(tokenizer.bos_token_id or 0)] * 2, 2), lambda event: None)
-        engine.run_until_done()
-        engine.reset_stats()
+        engine.warmup(log=lambda line: print(line, flush=True))
     return build_app(ServedModel(engine, tokenizer, name, family, sampling_defaults(model.config)))
