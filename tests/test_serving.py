@@ -322,7 +322,8 @@ def test_many_requests_leave_no_blocks_behind(server):
 
 @pytest.mark.slow
 def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
-    """``tools/serve.py --model HF_DIR --quant w8a16 --kv_cache_dtype int8`` as a user starts it: its
+    """``tools/serve.py --model HF_DIR --quant w8a16 --kv_cache_dtype int8 --dynamic_decode`` as a user
+    starts it (the one dynamic-shape decode graph; the other tests serve with the default buckets): its
     text and per-token log-probabilities equal generate of ``load_hf_model(HF_DIR, quant="w8a16",
     kv_cache_dtype="int8")`` in this process, and differ from the float model's (the options apply)."""
     import shutil
@@ -340,7 +341,8 @@ def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
         shutil.copy(os.path.join(REPO, "mindformers_ext", "tokenizers", "data", "deepseek-llm", name), hf_dir)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "serve.py"), "--model", hf_dir, "--quant",
-                             "w8a16", "--kv_cache_dtype", "int8", "--port", str(port), "--log_level", "warning"],
+                             "w8a16", "--kv_cache_dtype", "int8", "--dynamic_decode", "--port", str(port),
+                             "--log_level", "warning"],
                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         tokenizer = DeepSeekCoderTokenizer(tokenizer_file=hf_dir)
