@@ -2,6 +2,8 @@
 
 Prints one JSON line per (model, batch): tokens/s of both and ours / HF. Both run in this process,
 one after the other, on the same random prompts; each side is warmed up first (graph compile).
+``ours`` is ``generate(..., cache_implementation="static")`` (one static decode graph for the shape,
+as HF's static cache) and ``ours_dynamic`` the default one dynamic-shape graph for every shape.
 Default one thread per framework: with more, MindSpore's and torch's thread pools share the process
 and the cores, and torch's timings collapse (HF tiny decode fell from 470 to 12.5 tokens/s), which
 would flatter our ratio. Pass --threads 2 to see that configuration.
@@ -97,16 +99,17 @@ def weight_bytes_per_token(model, batch: int) -> int:
     return int(total)
 
 
-def time_ours(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
-    """As :func:`time_hf`, for our model."""
+def time_ours(model, prompts: np.ndarray, new_tokens: int,
+              cache_implementation: str = "static") -> tuple[float, float, np.ndarray]:
+    """As :func:`time_hf`, for our model (warmed up on the timed shape: a static graph compiles per shape)."""
     batch = prompts.tolist()
 
     def generate(count: int) -> tuple[float, np.ndarray]:
         start = time.perf_counter()
-        out = model.generate(batch, max_new_tokens=count, eos_token_id=[])
+        out = model.generate(batch, max_new_tokens=count, eos_token_id=[], cache_implementation=cache_implementation)
         return time.perf_counter() - start, np.array([row[prompts.shape[1]:] for row in out])
 
-    generate(4)
+    generate(new_tokens)
     prefill, _ = generate(1)
     elapsed, new_ids = generate(new_tokens)
     return elapsed, prefill, new_ids
@@ -159,6 +162,7 @@ def main() -> None:
         for batch in args.batches:
             prompts = rng.randint(3, CONFIGS[name]["vocab_size"], size=(batch, args.prompt_len))
             ours_s, ours_prefill, ours_ids = time_ours(ours, prompts, args.new_tokens)
+            dynamic_s, dynamic_prefill, dynamic_ids = time_ours(ours, prompts, args.new_tokens, "dynamic")
             hf_s, hf_prefill, hf_ids = time_hf(hf, prompts, args.new_tokens)
             tokens = batch * args.new_tokens
             weight_bytes = weight_bytes_per_token(ours, batch)  # HF's model holds the same weights
@@ -167,8 +171,10 @@ def main() -> None:
                 "new_tokens": args.new_tokens, "threads": args.threads,
                 **decode_figures("ours", ours_s, ours_prefill, tokens, args.new_tokens, weight_bytes, limit),
                 **decode_figures("hf", hf_s, hf_prefill, tokens, args.new_tokens, weight_bytes, limit),
+                **decode_figures("ours_dynamic", dynamic_s, dynamic_prefill, tokens, args.new_tokens, weight_bytes, limit),
                 "ratio_ours_over_hf": round(hf_s / ours_s, 3),
-                "same_ids": bool(np.array_equal(ours_ids, hf_ids)),
+                "ratio_ours_dynamic_over_hf": round(hf_s / dynamic_s, 3),
+                "same_ids": bool(np.array_equal(ours_ids, hf_ids) and np.array_equal(dynamic_ids, hf_ids)),
                 "ours_weight_bytes_per_token": weight_bytes,
                 "read_limit_gb_per_s": round(limit, 2),
             }

@@ -20,10 +20,10 @@ def random_prompts(vocab: int, lengths, seed: int = 0, low: int = 3) -> list[lis
     return [rng.randint(low, vocab, size=n).tolist() for n in lengths]
 
 
-def generate_with_logits(model, prompts: list[list[int]], steps: int = STEPS):
+def generate_with_logits(model, prompts: list[list[int]], steps: int = STEPS, cache_implementation: str = "dynamic"):
     """(sequences, logits (steps, batch, vocab)) of a greedy cached generate that never stops early."""
     out = model.generate(prompts, max_new_tokens=steps, do_sample=False, use_past=True, eos_token_id=[],
-                         return_dict_in_generate=True, output_logits=True)
+                         return_dict_in_generate=True, output_logits=True, cache_implementation=cache_implementation)
     logits = np.stack(out["logits"])
     assert logits.shape[:2] == (steps, len(prompts)), logits.shape
     return out["sequences"], logits

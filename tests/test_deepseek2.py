@@ -131,6 +131,16 @@ def test_decode_step_logits_match_reference(tiny, variant):
     assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
+def test_static_cache_decode_step_logits_match_reference(tiny):
+    """generate(cache_implementation="static") (one static decode graph over the latent cache rounded
+    up to 64 slots): every step's logits equal DeepSeek's formulas."""
+    ours, state, cfg, _ = tiny["full"]
+    prompts = _prompts([5, 12, 9], seed=7)
+    sequences, logits = generate_with_logits(ours, prompts, cache_implementation="static")
+    error = max_step_error(prompts, sequences, logits, lambda ids: reference_forward(state, cfg, ids))
+    assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
+
+
 def test_left_padded_batch_matches_single_prompts(tiny):
     ours = tiny["full"][0]
     prompts = _prompts([5, 14], seed=3)

@@ -67,6 +67,19 @@ def test_decode_step_logits_match_hf(pairs, variant):
     assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
+def test_static_cache_decode_step_logits_match_hf(pairs):
+    """generate(cache_implementation="static"): the cache rounded up to 64 slots and one static decode
+    graph; every step's logits for the left-padded batch still equal HF's (GQA)."""
+    ours, ref = pairs["gqa"]
+    prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
+    sequences, logits = generate_with_logits(ours, prompts, cache_implementation="static")
+    with torch.no_grad():
+        error = max_step_error(prompts, sequences, logits, lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
+    with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'paged'"):
+        ours.generate(prompts, max_new_tokens=2, cache_implementation="paged")
+
+
 @pytest.mark.parametrize("use_past", [True, False])
 @pytest.mark.parametrize("variant", ["v1_5", "gqa"])
 def test_greedy_matches_hf_generate(pairs, variant, use_past):

@@ -1,7 +1,9 @@
 """The compiled graphs behind ``generate``: whole-sequence logits, and a cached step (prefill / decode).
 
-Each is compiled once with dynamic batch / length dimensions (``set_inputs``), so prompts of any
-length and any number of new tokens reuse one graph instead of recompiling per shape.
+By default each is compiled once with dynamic batch / length dimensions (``set_inputs``), so prompts
+of any length and any number of new tokens reuse one graph instead of recompiling per shape. The
+cached steps can instead be static (one graph per input shape, faster per call): generate's
+``cache_implementation="static"`` and the serving engine's bucketed decode batches use that.
 """
 from __future__ import annotations
 
@@ -40,14 +42,16 @@ class CachedStep(nn.Cell):
     Inputs: input_ids (B, S), position_ids (B, S), mask, slot (B,), then the ``spec.num_tensors``
     cache tensors of :class:`mindformers_ext.cache.KVCache`. ``decode=False`` is the prefill (the
     prompt into an empty cache, mask (B, 1, S, S)); ``decode=True`` attends over the whole cache
-    (mask (B, 1, S, capacity)).
+    (mask (B, 1, S, capacity)). ``dynamic=False``: one static graph per input shape (see
+    :class:`PagedStep`).
     """
 
-    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool) -> None:
+    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool, dynamic: bool = True) -> None:
         super().__init__(auto_prefix=False)
         self.lm = lm
         self.decode = decode
-        self.set_inputs(*cached_step_inputs(spec, cache_dtype))
+        if dynamic:
+            self.set_inputs(*cached_step_inputs(spec, cache_dtype))
 
     def construct(self, input_ids, position_ids, mask, slot, *cache):
         hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, slot, self.decode)
