@@ -141,6 +141,19 @@ def test_static_cache_decode_step_logits_match_reference(tiny):
     assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_decode_with_more_assignments_than_experts_matches_reference(tiny, cache_implementation):
+    """Six rows x top-2 = 12 assignments >= the 12 experts: the decode step runs every expert once on
+    the batch (weights read in place) instead of gathering 12 expert copies; every step's logits still
+    equal DeepSeek's formulas."""
+    ours, state, cfg, _ = tiny["full"]
+    assert 6 * cfg["num_experts_per_tok"] >= cfg["n_routed_experts"]
+    prompts = _prompts([5, 12, 9, 3, 7, 10], seed=11)
+    sequences, logits = generate_with_logits(ours, prompts, steps=16, cache_implementation=cache_implementation)
+    error = max_step_error(prompts, sequences, logits, lambda ids: reference_forward(state, cfg, ids))
+    assert error <= TOLERANCE, f"{cache_implementation}: max abs step-logit error {error:.2e}"
+
+
 def test_left_padded_batch_matches_single_prompts(tiny):
     ours = tiny["full"][0]
     prompts = _prompts([5, 14], seed=3)
