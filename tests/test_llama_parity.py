@@ -78,6 +78,17 @@ def test_static_cache_decode_step_logits_match_hf(pairs):
     assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
     with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'paged'"):
         ours.generate(prompts, max_new_tokens=2, cache_implementation="paged")
+    with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' .* or 'static'"):
+        type(ours.config)(cache_implementation="paged")
+    # the YAML's model_config.cache_implementation is generate's default
+    ours._steps().pop("static_decode")  # pylint: disable=protected-access
+    ours.config.cache_implementation = "static"
+    try:
+        again = ours.generate(prompts, max_new_tokens=4, eos_token_id=[])
+    finally:
+        ours.config.cache_implementation = "dynamic"
+    assert "static_decode" in ours._steps()  # pylint: disable=protected-access
+    assert [s.tolist() for s in again] == [s[:len(p) + 4].tolist() for s, p in zip(sequences, prompts)]
 
 
 @pytest.mark.parametrize("use_past", [True, False])

@@ -105,7 +105,7 @@ class DecodingMixin:
             "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
             "use_past": getattr(cfg, "use_past", True), "seed": None, "return_dict_in_generate": False,
             "output_scores": False, "output_logits": False, "stop_strings": None, "tokenizer": None,
-            "cache_implementation": "dynamic",
+            "cache_implementation": getattr(cfg, "cache_implementation", "dynamic"),
         }
         if generation_config is not None:
             for key in _GENERATION_KEYS:

@@ -46,6 +46,7 @@ class CausalLMConfigBase(PretrainedConfig):
                  top_k: int = 50,
                  top_p: float = 1.0,
                  do_sample: bool = False,
+                 cache_implementation: str = "dynamic",
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(parallel_config, dict):
@@ -76,7 +77,10 @@ class CausalLMConfigBase(PretrainedConfig):
         self.top_k = top_k
         self.top_p = top_p
         self.do_sample = do_sample
-
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' (one dynamic-shape decode graph) or 'static' "
+                             f"(one static graph per batch and cache size: faster steps), got {cache_implementation!r}")
+        self.cache_implementation = cache_implementation
 
     def context_length(self) -> int:
         """The most positions (prompt + new tokens) the model is meant to handle."""
