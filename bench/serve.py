@@ -13,7 +13,7 @@ Prints JSON lines:
                                    --memory_requests short requests, and free KV blocks after (from
                                    /metrics; a leak shows as growth in both halves or missing blocks)
 
-    python bench/serve.py                               # demo model, 16 requests x 64 tokens, rate 8/s
+    python bench/serve.py                               # demo model, 16 requests x 64 tokens; 64 at rate 8/s
     python bench/serve.py --requests 32 --rate 4 --max_tokens 128 --memory_requests 0
     python bench/serve.py --config research/deepseek1_5/predict_deepseek_coder1_5_7b.yaml --load_checkpoint ds7b.ckpt
 """
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate, requests per second")
+    p.add_argument("--poisson_requests", type=int, default=64,
+                   help="requests of the Poisson run (the --requests prompts in turn; enough for a p99)")
     p.add_argument("--max_num_seqs", type=int, default=16)
     p.add_argument("--memory_requests", type=int, default=1000, help="short requests for the leak check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
@@ -160,15 +162,18 @@ def _bench(args, client, pid: int, base: str) -> int:
     together = _concurrently(client, name, prompts, args.max_tokens, [time.monotonic() + 0.05] * len(prompts))
     conc = _report("concurrent", together[0], together[1], max_num_seqs=args.max_num_seqs)
     rng = np.random.default_rng(args.seed)
-    arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=len(prompts))) - 1.0 / args.rate
-    poisson = _concurrently(client, name, prompts, args.max_tokens, list(arrivals))
+    count = args.poisson_requests
+    arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=count)) - 1.0 / args.rate
+    poisson = _concurrently(client, name, [prompts[i % len(prompts)] for i in range(count)], args.max_tokens,
+                            list(arrivals))
     loaded = _report("poisson", poisson[0], poisson[1], rate=args.rate, max_num_seqs=args.max_num_seqs)
     texts = [a[0] for a in alone]
     print(json.dumps({"bench": "serve", "mode": "summary",
                       "throughput_ratio": round(conc["tokens_per_second"] / one["tokens_per_second"], 2),
                       "ttft_p99_loaded_over_p50_idle": round(loaded["ttft_p99"] / one["ttft_p50"], 2),
-                      "same_text_as_alone": texts == [r[0] for r in together[0]] == [r[0] for r in poisson[0]],
-                      "lost": 2 * args.requests - len(together[0]) - len(poisson[0])}), flush=True)
+                      "same_text_as_alone": texts == [r[0] for r in together[0]]
+                      and [texts[i % len(texts)] for i in range(count)] == [r[0] for r in poisson[0]],
+                      "lost": args.requests + count - len(together[0]) - len(poisson[0])}), flush=True)
 
     if args.memory_requests:
         rss = [round(_rss_mb(pid), 1)]

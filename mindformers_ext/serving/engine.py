@@ -4,7 +4,8 @@ One step (:meth:`Engine.step`): cancelled requests leave and free their blocks; 
 admitted in arrival order while the batch has room (``max_num_seqs``), the pool has blocks for their
 prompt and ``max_tokens``, and the step's token budget (``max_num_batched_tokens``, one token per
 running sequence plus each admitted prompt, padded to the longest) is not spent; the admitted
-prompts are prefilled together (left-padded) and give their first tokens; then every other running
+prompts are prefilled together (left-padded) and give their first tokens (requests that arrived
+during that prefill are admitted and prefilled next, within the budget); then every other running
 sequence decodes one token in one batched call. A sequence's tokens do not depend on its batch
 mates: each row attends over its own tokens only (masked padding contributes exact zeros).
 
@@ -253,26 +254,40 @@ class Engine:
                     self.metrics["cancelled"] += 1
                     self._emit(seq, "", [], "cancelled")
             self._cancelled.clear()
-            admitted = []
-            budget, longest = self.max_num_batched_tokens - len(self._running), 0
-            while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
+            decoding = list(self._running.values())
+        self.metrics["steps"] += 1
+        budget = self.max_num_batched_tokens - len(decoding)
+        admitted = self._admit(budget, strict=False)
+        if admitted:
+            self._prefill_batch(admitted)
+            # Requests that arrived during that prefill are prefilled now too, within the step's budget,
+            # rather than after the decode below (a second arrival would otherwise wait a prefill and a
+            # decode step for its first token).
+            late = self._admit(budget - len(admitted) * max(len(s.request.prompt_ids) for s in admitted), strict=True)
+            if late:
+                self._prefill_batch(late)
+        if decoding:
+            self._decode_batch(decoding)
+
+    def _admit(self, budget: int, strict: bool) -> list:
+        """Waiting requests that join now, in arrival order: while the batch has room, the pool has blocks
+        for their prompt and ``max_tokens``, and their padded prefill fits ``budget`` tokens (unless
+        ``strict``, the first one always: a prompt longer than the budget runs alone)."""
+        admitted: list = []
+        longest = 0
+        with self._lock:
+            while self._waiting and len(self._running) < self.max_num_seqs:
                 seq = self._waiting[0]
                 prompt, total = len(seq.request.prompt_ids), len(seq.request.prompt_ids) + seq.request.max_tokens
                 padded = (len(admitted) + 1) * max(longest, prompt)  # the prefill batch's tokens with it
-                if (admitted and padded > budget) or not self.cache.can_add(total):
-                    break  # in arrival order: a request that does not fit waits, and so do those behind it
+                if ((admitted or strict) and padded > budget) or not self.cache.can_add(total):
+                    break  # a request that does not fit waits, and so do those behind it
                 self._waiting.popleft()
                 self.cache.add(seq.request_id, total)
+                self._running[seq.request_id] = seq
                 admitted.append(seq)
                 longest = max(longest, prompt)
-            decoding = list(self._running.values())
-            for seq in admitted:
-                self._running[seq.request_id] = seq
-        self.metrics["steps"] += 1
-        if admitted:
-            self._prefill_batch(admitted)
-        if decoding:
-            self._decode_batch(decoding)
+        return admitted
 
     def _prefill_batch(self, seqs: list) -> None:
         counts = [len(s.request.prompt_ids) for s in seqs]
