@@ -41,6 +41,16 @@ def max_step_error(prompts, sequences, logits, reference_rows: Callable) -> floa
     return worst
 
 
+def hf_rows(hf_model) -> Callable:
+    """``reference_rows`` of :func:`max_step_error` for an HF model: its logits on the ids, without grad."""
+    import torch
+
+    def rows(ids):
+        with torch.no_grad():
+            return hf_model(torch.tensor(ids)).logits.numpy()
+    return rows
+
+
 def hf_cached_batch_logits(hf_model, prompts: list[list[int]], sequences, pad: int = 0) -> np.ndarray:
     """HF's logits for the same left-padded batch, teacher-forced one token per step through its own
     cache (for dynamic-NTK rope, whose frequencies depend on the longest position in each call)."""

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import mindspore as ms
-from decode_steps import (STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, max_step_error,
+from decode_steps import (STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, hf_rows, max_step_error,
                           assert_paged_matches_contiguous)
 from mindformers_ext import load_hf_model
 from research.deepseek1_5 import DeepSeekCoderForCausalLM
@@ -61,9 +61,7 @@ def test_decode_step_logits_match_hf(pairs, variant):
     if variant == "dynamic":
         error = float(np.abs(logits - hf_cached_batch_logits(ref, prompts, sequences)).max())
     else:
-        with torch.no_grad():
-            error = max_step_error(prompts, sequences, logits,
-                                   lambda ids: ref(torch.tensor(ids)).logits.numpy())
+        error = max_step_error(prompts, sequences, logits, hf_rows(ref))
     assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
@@ -73,8 +71,7 @@ def test_static_cache_decode_step_logits_match_hf(pairs):
     ours, ref = pairs["gqa"]
     prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
     sequences, logits = generate_with_logits(ours, prompts, cache_implementation="static")
-    with torch.no_grad():
-        error = max_step_error(prompts, sequences, logits, lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    error = max_step_error(prompts, sequences, logits, hf_rows(ref))
     assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
     with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'paged'"):
         ours.generate(prompts, max_new_tokens=2, cache_implementation="paged")

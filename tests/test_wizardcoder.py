@@ -10,7 +10,7 @@ import transformers
 import mindspore as ms
 from mindformers_ext import load_hf_model
 from research.wizardcoder import WizardCoderConfig, WizardCoderForCausalLM
-from decode_steps import STEPS, TOLERANCE, generate_with_logits, max_step_error, assert_paged_matches_contiguous
+from decode_steps import STEPS, TOLERANCE, generate_with_logits, hf_rows, max_step_error, assert_paged_matches_contiguous
 from sharp_models import assert_sharp
 from wizardcoder_util import REPO, make_tiny_bigcode
 
@@ -69,8 +69,7 @@ def test_decode_step_logits_match_hf(pairs, variant):
     ours, ref = pairs[variant]
     prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
     sequences, logits = generate_with_logits(ours, prompts)
-    with torch.no_grad():
-        error = max_step_error(prompts, sequences, logits, lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    error = max_step_error(prompts, sequences, logits, hf_rows(ref))
     assert error <= TOLERANCE, f"{variant}: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
@@ -80,8 +79,7 @@ def test_static_cache_decode_step_logits_match_hf(pairs):
     ours, ref = pairs["mq"]
     prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=3)
     sequences, logits = generate_with_logits(ours, prompts, cache_implementation="static")
-    with torch.no_grad():
-        error = max_step_error(prompts, sequences, logits, lambda ids: ref(torch.tensor(ids)).logits.numpy())
+    error = max_step_error(prompts, sequences, logits, hf_rows(ref))
     assert error <= TOLERANCE, f"static cache: max abs step-logit error {error:.2e} over {STEPS} steps"
 
 
