@@ -154,6 +154,49 @@ def test_round_trip_on_python_source(deepseek_llm, deepseek_coder, wizardcoder, 
     assert deepseek_llm.decode(ids, skip_special_tokens=True) == source
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(tokenizer_file="deepseek-coder"),
+                                    dict(tokenizer_file="deepseek-coder", add_bos_token=False, add_eos_token=True,
+                                         eos_token="<|EOT|>"), dict(eot_token=None)])
+def test_deepseek_backend_is_the_classes_backend(kwargs):
+    """``deepseek_backend`` (what the preprocess CLI uses, no MindFormers) builds the very backend of
+    ``DeepSeekCoderTokenizer``: the same serialised state (vocabulary, added and special tokens with
+    their flags, post-processor) and the same ids, special tokens in the text included."""
+    import json
+
+    from mindformers_ext.tokenizers.backend import deepseek_backend
+
+    ours, theirs = deepseek_backend(**kwargs), DeepSeekCoderTokenizer(**kwargs)
+    assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    for text in BACKEND_TEXTS:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == theirs.encode(text, add_special_tokens=special)
+    for token in ("<|EOT|>", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "no such token"):
+        assert ours.convert_tokens_to_ids(token) == (theirs.convert_tokens_to_ids(token)
+                                                     if token in theirs.get_vocab() else None)
+
+
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.json + merges.txt", "add_bos"])
+def test_byte_level_backend_is_the_classes_backend(source, tmp_path):
+    """``byte_level_backend`` (the WizardCoder preprocess CLI's) equals ``WizardCoderTokenizer``'s backend."""
+    import json
+
+    from mindformers_ext.tokenizers.backend import byte_level_backend
+
+    kwargs = {"add_bos": dict(add_bos_token=True)}.get(source, {})
+    if source == "vocab.json + merges.txt":
+        for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+            shutil.copy(os.path.join(tokenizer_path("wizardcoder"), name), tmp_path / name)
+        kwargs = dict(vocab_file=str(tmp_path / "vocab.json"))
+    ours, theirs = byte_level_backend(**kwargs), WizardCoderTokenizer(**kwargs)
+    assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    for text in BACKEND_TEXTS:
+        assert ours.encode(text) == theirs.encode(text)
+
+
+BACKEND_TEXTS = ["def fib(n):\n    return n if n < 2 else fib(n - 1)", "<|EOT|> a <｜begin▁of▁sentence｜>b",
+                 "数字 123456 émoji 🙂\r\n\t", "<fim_prefix>a<fim_suffix>b<fim_middle>", "[PAD] <|endoftext|>x", ""]
+
+
 def test_build_through_mindformers_registry():
     from mindformers.models.build_tokenizer import build_tokenizer
     from mindformers.tools.register import MindFormerConfig

@@ -24,15 +24,10 @@ from typing import List, Optional, Tuple
 from mindformers.models.llama.llama_tokenizer_fast import LlamaTokenizerFast
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .paths import none_if_unset, resolve_file, save_tokenizer_json, tokenizer_path
+from .backend import DEEPSEEK_BOS, DEEPSEEK_EOS, DEEPSEEK_EOT, TOKENIZER_FILE, load_deepseek_source
+from .paths import none_if_unset, resolve_file, save_tokenizer_json
 
 __all__ = ["DeepSeekCoderTokenizer", "DEEPSEEK_BOS", "DEEPSEEK_EOS", "DEEPSEEK_EOT"]
-
-DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
-DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
-DEEPSEEK_EOT = "<|EOT|>"
-TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_TOKENIZER = "deepseek-llm"
 
 
 @MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
@@ -78,10 +73,7 @@ class DeepSeekCoderTokenizer(LlamaTokenizerFast):
         path = resolve_file(tokenizer_file, "tokenizer_file", TOKENIZER_FILE)
         if path is None:
             path = resolve_file(vocab_file, "vocab_file", TOKENIZER_FILE)
-        if path is None:
-            path = resolve_file(tokenizer_path(DEFAULT_TOKENIZER), "tokenizer_file", TOKENIZER_FILE)
-        if not path.endswith(".json"):
-            raise ValueError(f"{type(self).__name__} reads a Hugging Face tokenizer.json, got {path!r}")
+        path = load_deepseek_source(path)
         kwargs.pop("legacy", None)
         eot_token = none_if_unset(eot_token)
         additional = [str(t) for t in (additional_special_tokens or [])]

@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from mindformers_ext.data import (PreprocessStats, add_common_arguments, cli_exit, expand_inputs, get_template,
                                   run_cli)
 from mindformers_ext.data.wiki import wiki_to_mindrecord
-from mindformers_ext.tokenizers.deepseek import DeepSeekCoderTokenizer
+# the tokenizer backend without MindFormers (importing it takes seconds): DeepSeekCoderTokenizer's, exactly
+from mindformers_ext.tokenizers.backend import deepseek_backend
 
 TEMPLATES = {"instruct": "deepseek-instruct", "base": "deepseek-base"}
 
@@ -58,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> Union[PreprocessStats, int]:
     """Parse ``argv`` (default: sys.argv), preprocess, print the counts, return them (wiki: the sample count)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    tokenizer = DeepSeekCoderTokenizer(tokenizer_file=args.model_file)
+    tokenizer = deepseek_backend(args.model_file)
     template = get_template(TEMPLATES[args.template])
     if args.dataset_type == "qa":
         if args.repeat is not None:

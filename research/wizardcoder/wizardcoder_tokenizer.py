@@ -16,17 +16,10 @@ from typing import Optional
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from mindformers_ext.tokenizers.backend import ENDOFTEXT, PAD, STARCODER_SPECIAL_TOKENS
 from mindformers_ext.tokenizers.byte_level_bpe import ByteLevelBPETokenizer
 
 __all__ = ["WizardCoderTokenizer", "STARCODER_SPECIAL_TOKENS", "ENDOFTEXT", "PAD"]
-
-ENDOFTEXT = "<|endoftext|>"
-PAD = "[PAD]"
-STARCODER_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
-    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
-    "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>", "<reponame>",
-)
 
 
 @MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
