@@ -143,9 +143,9 @@ def test_static_cache_decode_step_logits_match_reference(tiny):
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_decode_with_more_assignments_than_experts_matches_reference(tiny, cache_implementation):
-    """Six rows x top-2 = 12 assignments >= the 12 experts: the decode step runs every expert once on
-    the batch (weights read in place) instead of gathering 12 expert copies; every step's logits still
-    equal DeepSeek's formulas."""
+    """Six rows x top-2 = 12 assignments >= the 12 experts: the static decode graph runs every expert
+    once on the batch (weights read in place) instead of gathering 12 expert copies, the dynamic one
+    gathers; every step's logits equal DeepSeek's formulas either way."""
     ours, state, cfg, _ = tiny["full"]
     assert 6 * cfg["num_experts_per_tok"] >= cfg["n_routed_experts"]
     prompts = _prompts([5, 12, 9, 3, 7, 10], seed=11)

@@ -46,7 +46,9 @@ inter) in HF's [out, in] layout per expert. Three exact computations (no token i
   experts' weights are gathered per token and applied as a batched matmul, so a decode step reads
   k experts per token instead of all E; with N * k >= E gathering would copy at least E experts'
   weights, so every expert runs on the N tokens reading its weights in place (the all-experts form
-  above; ds2-moe-150m at batch 8, E 16, k 4: 123 -> 50 ms per step).
+  above; ds2-moe-150m at batch 8, E 16, k 4: 123 -> 50 ms per step). That choice is made when the
+  graph is compiled, so only in static-shape decode graphs (``cache_implementation="static"``, the
+  serving engine's buckets); a dynamic-shape graph always gathers.
 
 W8A16 (:meth:`RoutedExperts.quantize_w8a16`) stores the stacked weights as int8 with one float32
 scale per expert and output feature (``w1_scale`` / ``w3_scale`` (E, inter), ``w2_scale`` (E, hidden));
@@ -64,6 +66,7 @@ from typing import Optional
 
 import mindspore as ms
 from mindspore import Parameter, ops
+from mindspore.ops import functional as F
 from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
@@ -437,11 +440,12 @@ class RoutedExperts(ShardedCell):
 
     def decode(self, x, indices, weights):
         """x (N, hidden), indices / weights (N, k) -> (N, hidden), reading only the chosen experts (or,
-        for N * k >= E, every expert once in place)."""
+        in a static-shape graph with N * k >= E, every expert once in place)."""
         n, k = indices.shape
-        if n * k >= self.num_experts:
-            chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
-            return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
+        if not F.is_sequence_value_unknown(indices.shape):  # N known when compiling: no run-time branch
+            if n * k >= self.num_experts:
+                chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
+                return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
         flat = ops.reshape(indices, (n * k,))
         w1 = self.cast(self.gather(self.w1, flat, 0), self.compute_dtype)  # (N*k, inter, hidden)
         w3 = self.cast(self.gather(self.w3, flat, 0), self.compute_dtype)
