@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 PACKAGES = ("research.deepseek1_5", "research.deepseek2", "research.wizardcoder")
 
@@ -24,7 +24,9 @@ _FAMILIES: dict[str, "Family"] = {}
 class Family:
     """One model family. ``name`` is its configs' ``model_type`` (what the FIM / chat helpers key on);
     ``hf_model_type`` the HF ``config.json`` model_type it loads, ``config_from_hf(hf_config, source)``
-    the keyword arguments of ``config_class`` for it; ``weight_map`` the converter's ``--model`` name."""
+    the keyword arguments of ``config_class`` for it; ``weight_map`` the converter's ``--model`` name;
+    ``config_to_hf(config)`` the HF ``config.json`` dict of one of our configs, where the family's
+    weight map does not build it itself."""
     name: str
     config_class: type
     model_class: type
@@ -32,6 +34,7 @@ class Family:
     hf_model_type: str
     config_from_hf: Callable[[dict, str], dict]
     weight_map: str
+    config_to_hf: Optional[Callable[[Any], dict]] = None
 
 
 def register_family(family: Family) -> Family:
@@ -50,6 +53,14 @@ def load_families() -> dict[str, Family]:
         if package not in sys.modules:
             importlib.import_module(package)
     return dict(_FAMILIES)
+
+
+def family_for_weight_map(weight_map: str) -> Family:
+    """The family whose checkpoints the converter's weight map ``weight_map`` converts."""
+    found = {f.weight_map: f for f in load_families().values()}
+    if weight_map not in found:
+        raise ValueError(f"no model family uses the weight map {weight_map!r}; expected one of {sorted(found)}")
+    return found[weight_map]
 
 
 def family_for_hf_model_type(model_type: Any, source: str = "config.json") -> Family:

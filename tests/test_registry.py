@@ -21,6 +21,35 @@ def test_importing_the_package_imports_no_research_module():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_no_module_of_the_package_imports_research():
+    """Not even inside a function: the package reaches research/ only through the Family records."""
+    import ast
+
+    offenders = []
+    for root, _, files in os.walk(os.path.join(REPO, "mindformers_ext")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read(), path)
+            for node in ast.walk(tree):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{os.path.relpath(path, REPO)}:{node.lineno} {m}" for m in modules
+                              if m == "research" or m.startswith("research.")]
+    assert offenders == []
+
+
+def test_importing_the_package_imports_no_mindformers():
+    """``import mindformers_ext`` (and its preprocessing and tokenizer-backend parts) stays light: MindSpore
+    and MindFormers are imported by what needs them."""
+    code = ("import json, sys; import mindformers_ext, mindformers_ext.data, mindformers_ext.tokenizers.backend; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'mindformers', 'mindspore'})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_every_family_is_registered_once_with_its_classes():
     families = load_families()
     assert sorted((f.hf_model_type, f.weight_map) for f in families.values()) == [

@@ -175,8 +175,9 @@ def resolve_config(family: str, wmap: WeightMap, entries: Sequence[TensorEntry],
     tried = []
     candidates: list[tuple[str, Any]] = [(p, os.path.join(REPO, p)) for p in DEFAULT_CONFIGS[family]]
     if family == "llama":
-        from research.deepseek1_5 import DeepSeekCoderConfig  # pylint: disable=import-outside-toplevel
-        candidates += [(p, DeepSeekCoderConfig.from_preset(p)) for p in _LLAMA_PRESETS]
+        from mindformers_ext.families import family_for_weight_map  # pylint: disable=import-outside-toplevel
+        config_class = family_for_weight_map("deepseek").config_class
+        candidates += [(p, config_class.from_preset(p)) for p in _LLAMA_PRESETS]
     for label, candidate in candidates:
         value = _config_value(candidate, wmap)
         why = _shapes_fit(wmap, value, entries)

@@ -161,17 +161,17 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def hf_config(config: Any) -> dict:
     """An HF DeepSeek-V2 config dict from an HF dict / transformers config, our DeepseekV2Config, or our
     YAML's ``model_config`` dict."""
-    # pylint: disable=import-outside-toplevel
+    from mindformers_ext.families import family_for_weight_map  # pylint: disable=import-outside-toplevel
+
     if isinstance(config, dict):
         if "num_hidden_layers" in config:
             return dict(config)
         if "num_layers" in config:
-            from research.deepseek2.deepseek2_config import DeepseekV2Config
-            return hf_config(DeepseekV2Config(**{k: v for k, v in config.items() if k != "type"}))
+            config_class = family_for_weight_map("deepseek2").config_class
+            return hf_config(config_class(**{k: v for k, v in config.items() if k != "type"}))
         raise KeyError("the config has neither num_hidden_layers (HF) nor num_layers (ours)")
     if hasattr(config, "num_layers") and hasattr(config, "kv_lora_rank"):
-        from research.deepseek2.deepseek2_hf_config import deepseek2_config_to_hf
-        return deepseek2_config_to_hf(config)
+        return family_for_weight_map("deepseek2").config_to_hf(config)
     if hasattr(config, "to_dict"):
         return hf_config(config.to_dict())
     raise TypeError(f"cannot read a DeepSeek-V2 config from {type(config).__name__}")
