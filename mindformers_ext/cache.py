@@ -152,6 +152,20 @@ class CachedKV(nn.Cell):
         return k_entries + v_entries, k_all, v_all
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple:
+    """Prompts of different lengths as one left-padded batch, so every row ends at the same column:
+    (ids (B, S) int32, valid (B, S) bool, positions (B, S) int32: each row's tokens counted from 0,
+    padding at 0)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, dtype=np.int32)
+    valid = np.zeros((len(prompts), width), dtype=bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        valid[row, width - len(prompt):] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return ids, valid, positions
+
+
 def padded_causal_mask(valid: np.ndarray) -> np.ndarray:
     """Additive (B, 1, S, S) float32 mask for a left-padded batch: causal, and padding never attended."""
     seq = valid.shape[1]

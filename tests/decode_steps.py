@@ -89,8 +89,8 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
 
     Row r joins the running batch at engine step ``joins[r]`` (default: all at step 0): it is
     prefilled with the rows joining at the same step (left-padded), then decodes together with
-    whichever rows are running, as the serving engine's scheduler does. ``logits[t, r]`` is row r's t-th step, comparable with
-    :func:`generate_with_logits`.
+    whichever rows are running, as the serving engine's scheduler does. ``logits[t, r]`` is row r's
+    t-th step, comparable with :func:`generate_with_logits`.
     """
     from mindspore import Tensor
 

@@ -16,7 +16,7 @@ from mindspore import Tensor
 from mindformers.generation.utils import GenerateOutput
 from mindformers.tools.logger import logger
 
-from mindformers_ext.cache import CacheSpec, KVCache, padded_causal_mask
+from mindformers_ext.cache import CacheSpec, KVCache, left_pad, padded_causal_mask
 from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
 from mindformers_ext.generation.step_cells import CachedStep, LastLogitsStep
 from mindformers_ext.layers.linear import ms_dtype
@@ -182,15 +182,10 @@ class DecodingMixin:
     def _decode_loop(self, prompts: list[list[int]], max_new: int, params: SamplingParams,
                      rng: Optional[np.random.Generator], opts: dict, streamer: Any,
                      record: dict) -> list[np.ndarray]:
-        batch, width = len(prompts), max(len(p) for p in prompts)
         pad = int(opts["pad_token_id"] or 0)
-        ids = np.full((batch, width), pad, dtype=np.int32)
-        valid = np.zeros((batch, width), dtype=bool)
-        for row, prompt in enumerate(prompts):  # left padding: every row ends at the same column
-            ids[row, width - len(prompt):] = prompt
-            valid[row, width - len(prompt):] = True
+        ids, valid, positions = left_pad(prompts, pad)
+        batch, width = ids.shape
         lengths = np.array([len(p) for p in prompts], dtype=np.int32)
-        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
         histories = [list(p) for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         finished = np.zeros(batch, dtype=bool)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from mindspore import Tensor
 
-from mindformers_ext.cache import PagedKVCache
+from mindformers_ext.cache import PagedKVCache, left_pad
 from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
 from mindformers_ext.generation.step_cells import PagedStep
 
@@ -130,7 +130,9 @@ class Engine:
         self.cache = PagedKVCache(spec, num_blocks, block_size, dtype)
         self._prefill = PagedStep(model, spec, dtype, decode=False)
         self._decode = PagedStep(model, spec, dtype, decode=True, dynamic=not decode_buckets)
-        self.decode_buckets = decode_buckets
+        # the compiled decode shapes' batch sizes and attended lengths (none: one dynamic-shape graph)
+        self._batch_buckets = _buckets(1, 2, max_num_seqs) if decode_buckets else []
+        self._width_buckets = _buckets(64, 4, self.capacity) if decode_buckets else []
         self._prefill.set_train(False)
         self._decode.set_train(False)
         eos = model.config.eos_token_id if eos_token_ids is None else eos_token_ids
@@ -164,16 +166,12 @@ class Engine:
 
     def decode_shapes(self) -> list:
         """The (batch, attended length) shapes decode batches are padded to (empty without buckets)."""
-        if not self.decode_buckets:
-            return []
-        return [(rows, width) for rows in _buckets(1, 2, self.max_num_seqs)
-                for width in _buckets(64, 4, self.capacity)]
+        return [(rows, width) for rows in self._batch_buckets for width in self._width_buckets]
 
     def _decode_shape(self, rows: int, width: int) -> tuple:
-        if not self.decode_buckets:
+        if not self._batch_buckets:
             return rows, width
-        return (next(b for b in _buckets(1, 2, self.max_num_seqs) if b >= rows),
-                next(b for b in _buckets(64, 4, self.capacity) if b >= width))
+        return (next(b for b in self._batch_buckets if b >= rows), next(b for b in self._width_buckets if b >= width))
 
     def warmup(self, log: Optional[Callable[[str], None]] = None) -> None:
         """Compile the prefill graph and every decode shape now, so no request waits for a compile."""
@@ -290,13 +288,8 @@ class Engine:
         return admitted
 
     def _prefill_batch(self, seqs: list) -> None:
+        ids, _, position_ids = left_pad([s.request.prompt_ids for s in seqs])  # as generate() batches prompts
         counts = [len(s.request.prompt_ids) for s in seqs]
-        width = max(counts)
-        ids = np.zeros((len(seqs), width), np.int32)
-        position_ids = np.zeros((len(seqs), width), np.int32)
-        for row, (seq, count) in enumerate(zip(seqs, counts)):  # left-padded, as generate() batches prompts
-            ids[row, width - count:] = seq.request.prompt_ids
-            position_ids[row, width - count:] = np.arange(count)
         mask, (positions, table) = self.cache.prefill([s.request_id for s in seqs], counts)
         out = self._prefill(Tensor(ids), Tensor(position_ids), mask, positions, table, *self.cache.tensors)
         self.cache.update(out[1:])

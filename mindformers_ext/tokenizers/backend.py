@@ -68,6 +68,13 @@ def template_post_processor(bos: Optional[str], bos_id: Optional[int], eos: Opti
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(special)))
 
 
+def _set_template(backend: Tokenizer, bos: Optional[str], eos: Optional[str], add_bos: bool, add_eos: bool) -> None:
+    """:func:`template_post_processor` with the backend's own ids of ``bos`` / ``eos``."""
+    backend.post_processor = template_post_processor(bos, backend.token_to_id(bos) if bos else None, eos,
+                                                     backend.token_to_id(eos) if eos else None,
+                                                     bool(add_bos), bool(add_eos))
+
+
 def _add_special_tokens(backend: Tokenizer, tokens: Sequence[Optional[str]]) -> None:
     """Register ``tokens`` as special added tokens (matched whole; new ones get the next ids), as the
     fast tokenizer classes do with their special-token arguments; a token the file already lists as
@@ -86,9 +93,7 @@ def deepseek_backend(tokenizer_file: Optional[str] = None, bos_token: Optional[s
     backend = Tokenizer.from_file(path)
     bos, eos, pad, eot = (none_if_unset(t) for t in (bos_token, eos_token, pad_token, eot_token))
     _add_special_tokens(backend, (bos, eos, pad, eot))
-    backend.post_processor = template_post_processor(bos, backend.token_to_id(bos) if bos else None, eos,
-                                                     backend.token_to_id(eos) if eos else None,
-                                                     bool(add_bos_token), bool(add_eos_token))
+    _set_template(backend, bos, eos, add_bos_token, add_eos_token)
     return BackendTokenizer(backend)
 
 
@@ -194,7 +199,5 @@ def byte_level_backend(tokenizer_file: Optional[str] = None, vocab_file: Optiona
     unk, bos, eos, pad = (none_if_unset(t) for t in (unk_token, bos_token, eos_token, pad_token))
     _add_special_tokens(backend, (bos, eos, unk, pad))
     if add_bos_token or add_eos_token:
-        backend.post_processor = template_post_processor(bos, backend.token_to_id(bos) if bos else None, eos,
-                                                         backend.token_to_id(eos) if eos else None,
-                                                         bool(add_bos_token), bool(add_eos_token))
+        _set_template(backend, bos, eos, add_bos_token, add_eos_token)
     return BackendTokenizer(backend)
