@@ -1,6 +1,7 @@
 """Token dispatch of the routed experts (training / prefill) against a per-token NumPy reference:
 ``sum_k w_k * (silu(x W1_e^T) * (x W3_e^T)) W2_e^T`` for each token's chosen experts e, and its
-gradients against the all-experts computation, for balanced, skewed and single-token routings."""
+gradients against the all-experts computation, for balanced, skewed, all-on-one-expert and single-token
+routings."""
 import numpy as np
 import pytest
 
@@ -34,12 +35,14 @@ def _reference(cell, x, indices, weights):
 def _routing(kind, n, rng):
     if kind == "skewed":  # every token picks the same k experts: k experts hold all the work
         indices = np.tile(np.array([5, 2, 7]), (n, 1))
+    elif kind == "one_expert":  # top-1, all on one expert: the most spill blocks a routing can need
+        return np.full((n, 1), 4, np.int32), rng.random((n, 1)).astype(np.float32)
     else:
         indices = np.stack([rng.permutation(E)[:K] for _ in range(n)])
     return indices.astype(np.int32), rng.random((n, K)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind, n", [("balanced", 37), ("skewed", 20), ("balanced", 1)])
+@pytest.mark.parametrize("kind, n", [("balanced", 37), ("skewed", 20), ("one_expert", 20), ("balanced", 1)])
 def test_token_dispatch_equals_the_per_token_formula(kind, n):
     rng = np.random.default_rng(1)
     cell = _experts()

@@ -51,10 +51,13 @@ def _as_float32(grad):
 
 
 def _reduce_all_axes(x):
-    """Sum of every element. Reducing the last axis first is several times faster on CPU than one
-    full reduction (the full one is barely parallel), and as exact."""
+    """Sum of every element. Reducing the last axis of the tensor seen as 2-D (rows, last axis)
+    first is several times faster on CPU than one full reduction (barely parallel) or than the same
+    last-axis reduction on a 3-D tensor (stacked expert weights: 5x slower), and as exact."""
     if x.ndim == 0:
         return x
+    if x.ndim > 2:
+        x = x.reshape(-1, x.shape[-1])
     return x.sum(-1).sum()
 
 

@@ -33,11 +33,15 @@ without ``seq_aux`` the same over all tokens at once.
 Expert weights are stacked, one tensor per projection: w1 / w3 (E, inter, hidden), w2 (E, hidden,
 inter) in HF's [out, in] layout per expert. Three exact computations (no token is ever dropped):
 
-* training, prefill (token dispatch): the N * k (token, expert) assignments are laid out expert by
-  expert in blocks of ``b = ceil(N * k / E)`` rows (each expert's rows padded to whole blocks, so at
-  most ``2E`` blocks), every block multiplied by its expert's weights (gathered per block) in one
-  batched matmul, and the rows gathered back and weighted. Static shapes for a given N (graph mode,
-  dynamic N); the compute grows with N * k (at most 2 N k rows), not with E;
+* training, prefill (token dispatch): with ``A = N * k`` assignments and ``c = ceil(A / E)``, each
+  expert's first ``c`` assignments go to its row block of an (E, c, hidden) layout multiplied by the
+  stacked weights in place (one batched matmul, no weight copy); an expert's further assignments go
+  to spill blocks of ``c`` rows, each multiplied by its expert's weights gathered for it. The spill
+  needs at most ``floor((A - 1) / c) < E`` blocks: an expert with ``n_e > c`` assignments needs
+  ``ceil((n_e - c) / c) <= (n_e - 1) / c`` of them and those ``n_e`` sum to at most ``A``; one more
+  block is kept so the spill is never empty. Static shapes for a given N (graph mode, dynamic N); the
+  compute grows with N * k (at most about 2 N k rows), not with E, and at most E expert weight sets
+  are copied (the spill), half of what padding every expert to whole blocks would copy;
 * the same with expert parallel or model parallel (a semi-auto-parallel layout on Ascend): every
   expert on every token as batched matmuls over the expert axis with the routing weights (mostly
   zero) multiplied in. E / k times the routed FLOPs, but it splits over experts like MindFormers'
@@ -388,38 +392,53 @@ class RoutedExperts(ShardedCell):
         return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
 
     def _dispatched(self, x, indices, weights):
-        """Token dispatch in expert-sorted blocks (see the module docstring)."""
+        """Token dispatch: each expert's first ``cap`` assignments in place, the rest in spill blocks
+        (see the module docstring)."""
         n, k = indices.shape
         e = self.num_experts
         assignments = n * k
-        rows = (assignments + e - 1) // e  # rows per block
-        blocks = 2 * e  # >= sum_e ceil(n_e / rows)
+        cap = (assignments + e - 1) // e  # rows per expert in place, and per spill block
+        spill = (assignments - 1) // cap + 1  # >= the spill blocks any routing needs (module docstring)
         flat = ops.reshape(indices, (assignments,))
         onehot = ops.one_hot(flat, e, ops.ones((), ms.int32), ops.zeros((), ms.int32))  # (A, E)
-        per_expert = (onehot.sum(0) + rows - 1) // rows  # blocks of each expert
-        end = ops.cumsum(per_expert, 0)
         rank = (ops.cumsum(onehot, 0) * onehot).sum(-1) - 1  # the assignment's place among its expert's
-        dest = ops.gather(end - per_expert, flat, 0) * rows + rank  # (A,) row in the block layout
+        over = (ops.maximum(onehot.sum(0) - cap, 0) + cap - 1) // cap  # spill blocks of each expert
+        end = ops.cumsum(over, 0)
+        spill_row = (e + ops.gather(end - over, flat, 0)) * cap + rank - cap
+        dest = ops.select(rank < cap, flat * cap + rank, spill_row)  # (A,) row in the layout
         token = ops.floor_divide(ops.arange(assignments, dtype=ms.int32), k)
         x = self.cast(x, self.compute_dtype)
-        layout = ops.tensor_scatter_update(ops.zeros((blocks * rows, self.hidden_size), x.dtype),
+        layout = ops.tensor_scatter_update(ops.zeros(((e + spill) * cap, self.hidden_size), x.dtype),
                                            ops.expand_dims(dest, -1), ops.gather(x, token, 0))
-        # block j belongs to the expert whose blocks end after it (unused blocks: the last expert, rows of 0)
-        owner = (ops.expand_dims(end, 0) <= ops.expand_dims(ops.arange(blocks, dtype=ms.int32), -1)).astype(
+        layout = ops.reshape(layout, (e + spill, cap, self.hidden_size))
+        # in place: expert j's rows times its own weights, no copy
+        main = self._swiglu(layout[:e], (self.gate_all, self.up_all, self.down_all), self.w1, self.w3, self.w2)
+        # spill block j belongs to the expert whose blocks end after it (unused blocks: the last expert)
+        owner = (ops.expand_dims(end, 0) <= ops.expand_dims(ops.arange(spill, dtype=ms.int32), -1)).astype(
             ms.int32).sum(-1)
         owner = ops.minimum(owner, e - 1)
-        xb = ops.reshape(layout, (blocks, rows, self.hidden_size))
-        gate = self.gate_k(xb, self.cast(self.gather(self.w1, owner, 0), self.compute_dtype))
-        up = self.up_k(xb, self.cast(self.gather(self.w3, owner, 0), self.compute_dtype))
-        if self.quantized:
-            gate = self._scaled(gate, self.gather(self.w1_scale, owner, 0))
-            up = self._scaled(up, self.gather(self.w3_scale, owner, 0))
-        out = self.down_k(gate * ops.sigmoid(gate) * up, self.cast(self.gather(self.w2, owner, 0), self.compute_dtype))
-        if self.quantized:
-            out = self._scaled(out, self.gather(self.w2_scale, owner, 0))
-        out = ops.gather(ops.reshape(out, (blocks * rows, self.hidden_size)), dest, 0)
-        out = out * self.cast(ops.reshape(weights, (assignments, 1)), self.compute_dtype)
+        extra = self._swiglu(layout[e:], (self.gate_k, self.up_k, self.down_k), self.gather(self.w1, owner, 0),
+                             self.gather(self.w3, owner, 0), self.gather(self.w2, owner, 0), owner)
+        out = ops.reshape(ops.concat((main, extra), 0), ((e + spill) * cap, self.hidden_size))
+        out = ops.gather(out, dest, 0) * self.cast(ops.reshape(weights, (assignments, 1)), self.compute_dtype)
         return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
+
+    def _swiglu(self, xb, matmuls, w1, w3, w2, owner=None):
+        """Blocks ``xb`` (blocks, rows, hidden) through SwiGLU experts whose weights w1, w3, w2 line up
+        with the blocks: the stacked ones (``owner`` None) or those gathered for experts ``owner``."""
+        gate_mm, up_mm, down_mm = matmuls
+        gate = gate_mm(xb, self.cast(w1, self.compute_dtype))
+        up = up_mm(xb, self.cast(w3, self.compute_dtype))
+        if self.quantized:
+            gate = self._scaled(gate, self._scale(self.w1_scale, owner))
+            up = self._scaled(up, self._scale(self.w3_scale, owner))
+        out = down_mm(gate * ops.sigmoid(gate) * up, self.cast(w2, self.compute_dtype))
+        if self.quantized:
+            out = self._scaled(out, self._scale(self.w2_scale, owner))
+        return out
+
+    def _scale(self, scale, owner):
+        return scale if owner is None else self.gather(scale, owner, 0)
 
     def _all_experts(self, x, routing):
         """x (N, hidden), routing (N, E) weights (zero for experts not chosen) -> (N, hidden)."""
