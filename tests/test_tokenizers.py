@@ -4,6 +4,8 @@ import shutil
 import sysconfig
 import tempfile
 
+import numpy as np
+
 os.environ.setdefault("LOG_MF_PATH", os.path.join(tempfile.gettempdir(), "mindformers_ext_test_logs"))
 
 import pytest  # noqa: E402
@@ -237,3 +239,20 @@ def test_save_and_reload(deepseek_llm, wizardcoder, tmp_path):
         text = "for i in range(12):\n\tprint(i)<|EOT|>"
         assert again(text)["input_ids"] == tok(text)["input_ids"]
         assert (again.eos_token_id, again.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+
+
+def test_serving_text_decoder_equals_decode(deepseek_llm, deepseek_coder, wizardcoder, wizardcoder_from_vocab):
+    """The serving engine decodes every new token of every request through ``_text_decoder``; it must
+    give ``decode(ids, skip_special_tokens=True)`` exactly, special tokens and split characters included."""
+    from mindformers_ext.serving.engine import _text_decoder
+
+    rng = np.random.default_rng(0)
+    for tok in (deepseek_llm, deepseek_coder, wizardcoder, wizardcoder_from_vocab):
+        decoder = _text_decoder(tok)
+        specials = [i for i in tok.all_special_ids if i is not None]
+        text_ids = tok.encode("def f(x):\n    return 'é中' + x  # ünïcödé\n", add_special_tokens=False)
+        for _ in range(20):
+            ids = [int(i) for i in rng.integers(0, len(tok), size=int(rng.integers(1, 40)))]
+            ids = ids + specials + text_ids[:int(rng.integers(0, len(text_ids)))]
+            rng.shuffle(ids)
+            assert decoder(ids) == tok.decode(ids, skip_special_tokens=True), type(tok).__name__

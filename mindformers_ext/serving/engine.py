@@ -89,6 +89,16 @@ def _log_softmax(row: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+def _text_decoder(tokenizer: Any) -> Callable[[list], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, called for every new token of every request:
+    for a fast tokenizer that does not clean up spaces, its ``tokenizers`` backend straight away
+    (MindFormers' ``decode`` converts the ids element by element first, about 3x the decode's cost)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if type(backend).__name__ == "Tokenizer" and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _buckets(first: int, factor: int, last: int) -> list:
     """``first, first * factor, ...`` below ``last``, then ``last``."""
     sizes = []
@@ -122,6 +132,7 @@ class Engine:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_queue must be >= 1, got "
                              f"{max_num_seqs}, {max_num_batched_tokens}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
+        self._decode_text = _text_decoder(tokenizer)
         self.context = int(model.config.context_length())
         self.max_num_seqs, self.max_num_batched_tokens, self.max_queue = max_num_seqs, max_num_batched_tokens, max_queue
         spec, dtype = model.cache_spec(), model._cache_dtype()  # pylint: disable=protected-access
@@ -334,7 +345,7 @@ class Engine:
             self._finish(seq, [token], "stop", logprobs, count_token=False)
             return
         seq.generated.append(token)
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = self._decode_text(seq.generated)
         stop_at = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             self._finish(seq, [token], "stop", logprobs, text=text[:stop_at])
