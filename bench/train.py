@@ -19,7 +19,8 @@ give the same losses step by step.
     python bench/train.py --models ds2-moe-150m --experts 8 16 64   # MoE sweep: tokens/s per routed expert count
 
 With ``--experts`` each DeepSeek-V2 model runs once per E (its top-k and expert size kept) and a
-``train_experts_sweep`` line sums it up: tokens/s per E and the step time relative to the first E.
+``train_experts_sweep`` line sums it up: tokens/s per E and the step time relative to the first E,
+and the same for our prefill (inference) of one ``--prefill_len``-token prompt (default 1024).
 """
 from __future__ import annotations
 
@@ -112,10 +113,24 @@ def time_ours(step, batches: list[np.ndarray], warmup: int) -> tuple[list[float]
     return times, compile_s, losses
 
 
+def time_prefill(hf_dir: str, length: int, repeats: int = 3) -> float:
+    """Seconds of our prefill of one ``length``-token prompt (the best of ``repeats`` after a compile)."""
+    from mindformers_ext import load_hf_model
+
+    model = load_hf_model(hf_dir, use_past=True, dtype="float32", seq_length=length + 1)
+    prompt = np.random.default_rng(1).integers(3, model.config.vocab_size, size=length).tolist()
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        model.generate([prompt], max_new_tokens=1, eos_token_id=[])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int,
-          optimizer_type: str = "PortableAdamW", experts: Optional[int] = None) -> dict:
+          optimizer_type: str = "PortableAdamW", experts: Optional[int] = None, prefill_len: int = 1024) -> dict:
     """One model's line; ``experts`` replaces a DeepSeek-V2 model's routed expert count (same top-k and
-    expert size)."""
+    expert size) and adds our prefill seconds of a ``prefill_len``-token prompt."""
     import mindspore as ms
     import torch
 
@@ -131,6 +146,9 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
         del hf
         ours = build_ours(hf_dir, seq, optimizer_type)
         ms_times, compile_s, ms_loss = time_ours(ours, batches, warmup)
+        del ours
+        prefill = {} if experts is None else {"mindspore_prefill_s": round(time_prefill(hf_dir, prefill_len), 4),
+                                              "prefill_len": prefill_len}
     tokens = batch * seq
     ms_tps = tokens / statistics.median(ms_times)
     torch_tps = tokens / statistics.median(torch_times)
@@ -145,7 +163,7 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
             "mindspore_first_step_s": round(compile_s, 2),
             # same weights, data and update rule: the losses agree step by step
             "first_loss_mindspore": round(ms_loss[0], 5), "first_loss_torch": round(torch_loss[0], 5),
-            "last_loss_mindspore": round(ms_loss[-1], 5), "last_loss_torch": round(torch_loss[-1], 5)}
+            "last_loss_mindspore": round(ms_loss[-1], 5), "last_loss_torch": round(torch_loss[-1], 5), **prefill}
 
 
 def main(argv=None) -> None:
@@ -161,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", nargs="+", type=int, default=None, metavar="E",
                         help="MoE sweep: run each DeepSeek-V2 model once per routed expert count E (same top-k and "
                              "expert size) and print tokens/s per E")
+    parser.add_argument("--prefill_len", type=int, default=1024,
+                        help="with --experts: also time our prefill of one prompt of this many tokens")
     args = parser.parse_args(argv)
     if args.experts:
         dense = [name for name in args.models if family(name) != "deepseek2"]
@@ -180,8 +200,8 @@ def main(argv=None) -> None:
             print(json.dumps(bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer)),
                   flush=True)
             continue
-        lines = [bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer, e)
-                 for e in args.experts]
+        lines = [bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer, e,
+                       args.prefill_len) for e in args.experts]
         for line in lines:
             print(json.dumps(line), flush=True)
         base = lines[0]
@@ -190,7 +210,10 @@ def main(argv=None) -> None:
                           "mindspore_tokens_per_s": [line["mindspore_tokens_per_s"] for line in lines],
                           "torch_tokens_per_s": [line["torch_tokens_per_s"] for line in lines],
                           f"mindspore_step_time_over_E{base['experts']}":
-                              [round(line["mindspore_step_s"] / base["mindspore_step_s"], 3) for line in lines]}),
+                              [round(line["mindspore_step_s"] / base["mindspore_step_s"], 3) for line in lines],
+                          "mindspore_prefill_s": [line["mindspore_prefill_s"] for line in lines],
+                          f"mindspore_prefill_time_over_E{base['experts']}":
+                              [round(line["mindspore_prefill_s"] / base["mindspore_prefill_s"], 3) for line in lines]}),
               flush=True)
 
 
