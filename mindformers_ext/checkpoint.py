@@ -96,7 +96,7 @@ class MatchReport:
 def checkpoint_index(path: str) -> dict:
     """``{name: shape}`` of the tensors in a ``.ckpt`` or ``.safetensors`` file, from its header only."""
     # pylint: disable=import-outside-toplevel
-    from mindformers_ext.convert.errors import ConversionError
+    from mindformers_ext.convert.tensors import ConversionError
 
     try:
         if path.endswith(".safetensors"):

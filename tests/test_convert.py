@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from mindformers_ext.convert import (CkptWriter, ConcatRule, ConversionError, SafetensorsWriter, StackRule,
-                                     TensorInfo, Transpose, WeightMap, bf16_to_f32, cast, convert, f32_to_bf16,
-                                     get_weight_map, iter_hf_weights, read_ckpt_index, read_safetensors_header)
+from mindformers_ext.convert import (CkptWriter, ConversionError, Layout, SafetensorsWriter, TensorInfo, WeightMap,
+                                     bf16_to_f32, cast, convert, f32_to_bf16, get_weight_map, iter_hf_weights,
+                                     read_ckpt_index, read_safetensors_header)
 from mindformers_ext.convert.cli import main as cli_main
 from mindformers_ext.convert.maps.llama import NAMES
 from mindformers_ext.convert.weight_map import fill, split_name
@@ -381,8 +381,7 @@ def test_failure_mid_write_leaves_previous_output(hf, tmp_path, monkeypatch):
             raise OSError("disk went away")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("mindformers_ext.convert.safetensors_io.read_ranges", flaky)
-    monkeypatch.setattr("mindformers_ext.convert.ckpt_io.read_ranges", flaky)
+    monkeypatch.setattr(tensors, "read_ranges", flaky)  # the reads of both safetensors and .ckpt files
     with pytest.raises(OSError, match="disk went away"):
         convert(hf["plain"], out, "deepseek", progress=False)
     with open(out, encoding="utf-8") as f:
@@ -481,7 +480,7 @@ def test_configs_from_our_yaml_and_config_object(hf, tmp_path):
                                                                            "num_heads": 4, "hidden_size": 48})))
 
 
-# --------------------------------------------------------------- the engine's stack / concat / transform rules
+# ------------------------------------------------------- a map's stacked / concatenated / split / transposed entries
 def _moe_map():
     """A DeepSeek-V2-like toy map: experts stacked (and transposed), q/k/v fused, an HF-fused tensor split."""
     def shapes(cfg):
@@ -495,12 +494,14 @@ def _moe_map():
             out[f"layers.{i}.c_attn"] = (2 * h, h)
         return out
     return WeightMap(
-        name="toy", names={"embed": "tok.embedding"}, hf_shapes=shapes, hf_config=dict,
-        stacks=[StackRule("layers.{}.experts.{}.up", "layers.{}.moe.w_up")],
-        concats=[ConcatRule(("layers.{}.attn.q", "layers.{}.attn.k", "layers.{}.attn.v"), ("layers.{}.wqkv",)),
-                 ConcatRule(("layers.{}.c_attn",), ("layers.{}.wq2", "layers.{}.wkv2"),
-                            sizes=lambda c: [c["hidden"], c["hidden"]])],
-        transforms={"layers.{}.moe.w_up": Transpose((0, 2, 1))},
+        name="toy", hf_shapes=shapes, hf_config=dict,
+        names={"embed": "tok.embedding",
+               "layers.{}.experts.{}.up": "layers.{}.moe.w_up",  # one {} more: stacked
+               "layers.{}.attn.q": "layers.{}.wqkv", "layers.{}.attn.k": "layers.{}.wqkv",  # concatenated
+               "layers.{}.attn.v": "layers.{}.wqkv",
+               "layers.{}.c_attn": ("layers.{}.wq2", "layers.{}.wkv2")},  # split
+        split_rows=lambda c: [c["hidden"], c["hidden"]],
+        layouts={"layers.{}.moe.w_up": Layout(axes=(0, 2, 1))},
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mindformers_ext.convert import ConversionError, convert
 from mindformers_ext.convert.cli import main as convert_main
-from mindformers_ext.convert.outputs import CkptSink, stale_temps
+from mindformers_ext.convert.outputs import FileSink, stale_temps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def test_convert_signal_removes_temp_file(llama_dir, tmp_path, monkeypatch, caps
     out = tmp_path / "out.ckpt"
     out.write_bytes(b"old")
     seen = []
-    real_write = CkptSink.write
+    real_write = FileSink.write
 
     def write_then_signal(self, info, array):
         real_write(self, info, array)
@@ -109,7 +109,7 @@ def test_convert_signal_removes_temp_file(llama_dir, tmp_path, monkeypatch, caps
         assert os.path.exists(self.tmp)
         os.kill(os.getpid(), sig)  # delivered right here, mid-conversion
 
-    monkeypatch.setattr(CkptSink, "write", write_then_signal)
+    monkeypatch.setattr(FileSink, "write", write_then_signal)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     rc = _convert("--model", "llama", "--input_path", llama_dir, "--output_path", out, "--overwrite")
     assert rc == 128 + sig

@@ -36,8 +36,8 @@ import mindspore as ms
 from conftest import make_tiny_llama
 from deepseek2_reference import make_tiny_deepseek2, one_torch_thread
 from mindformers_ext import load_hf_model
-from mindformers_ext.convert.registry import get_weight_map
-from mindformers_ext.convert.weight_map import fill
+from mindformers_ext.convert.weight_map import get_weight_map
+from mindformers_ext.convert.weight_map import fill, split_name
 from sharp_models import MIN_STD, attention_score_std
 from wizardcoder_util import make_tiny_bigcode
 
@@ -73,17 +73,14 @@ def _sharp_reference(build, hf_class, tmp_path_factory, name):
 def _hf_to_ours(wmap, hf_name: str):
     """(our parameter name, index into its stacking axis or None) for ``hf_name``; only layouts that
     are element-for-element renames (or one slice of a stacked tensor) qualify."""
-    route, indices = wmap.route(hf_name, "ours")
-    if route.kind == "rename":
-        ours = fill(route.dst[0], indices)
-        stack_index = None
-    elif route.kind == "stack":
-        assert route.axis == 0 and route.index_pos == -1
-        ours, stack_index = fill(route.dst[0], indices[:-1]), indices[-1]
-    else:
-        raise AssertionError(f"{hf_name}: route {route.kind} is not element-for-element")
-    assert wmap.transform(route.dst[0]) is None, f"{hf_name}: a transformed layout ({route.dst[0]})"
-    return ours, stack_index
+    template, indices = split_name(hf_name)
+    ours = wmap.names[template]
+    if not isinstance(ours, str) or list(wmap.names.values()).count(ours) > 1:
+        raise AssertionError(f"{hf_name}: split or concatenated ({ours}), not element-for-element")
+    assert wmap.layouts.get(ours) is None, f"{hf_name}: a transformed layout ({ours})"
+    if ours.count("{}") < len(indices):  # one of the stacked experts (the last index)
+        return fill(ours, indices[:-1]), indices[-1]
+    return fill(ours, indices), None
 
 
 def _our_loss_and_grads(ours, param_names, ids, labels):

@@ -11,16 +11,14 @@ here like MindSpore's loader does.
 """
 from __future__ import annotations
 
-import functools
 import mmap
 import os
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import CKPT_TYPES, FROM_CKPT_TYPES, itemsize
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.tensors import TensorEntry, read_ranges
+from mindformers_ext.convert.tensors import (CKPT_TYPES, FROM_CKPT_TYPES, ConversionError, TensorEntry, TensorInfo,
+                                             file_entry, itemsize)
 
 SLICE_BYTES = 512 * 1024 * 1024  # mindspore.train.serialization: SLICE_SIZE (KB) * 1024
 _CRC_TRAILER = 17  # b"crc_num" + 10-byte big-endian crc
@@ -129,17 +127,12 @@ def read_ckpt_index(path: str) -> list[TensorEntry]:
             shape = ()
         if any(d < 0 for d in shape):
             raise ConversionError(f"{where}: negative dims {list(dims)}: corrupt checkpoint")
-        need = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
+        need = TensorInfo(tag, dtype, shape).nbytes
         if stored != need:
             raise ConversionError(f"{where}: {stored} bytes of data but dims {list(dims)} of {ttype} need "
                                   f"{need}: truncated or corrupt checkpoint")
-        reader = functools.partial(_read_parts, path, tag, tuple(parts), dtype, shape)
-        entries.append(TensorEntry(tag, dtype, shape, path=path, reader=reader))
+        entries.append(file_entry(path, tag, dtype, shape, parts))
     return entries
-
-
-def _read_parts(path, tag, parts, dtype, shape, dst=None):
-    return read_ranges(path, parts, dtype, shape, dst, where=f"{path}: tensor {tag!r}")
 
 
 def _walk(mm, end: int, path: str) -> list[tuple[str, str, list[int], list[tuple[int, int]]]]:

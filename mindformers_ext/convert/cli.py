@@ -10,9 +10,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from mindformers_ext.convert.engine import ConversionInterrupted, convert
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.registry import available_models
+from mindformers_ext.convert.engine import ConversionInterrupted, ConversionResult, convert
+from mindformers_ext.convert.tensors import ConversionError
+from mindformers_ext.convert.weight_map import available_models
 from mindformers_ext.quant import QUANT_METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -83,10 +83,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return report(result, "converted")
+
+
+def report(result: ConversionResult, verb: str) -> int:
+    """Print what a conversion wrote (and skipped); exit code 0."""
     if result.skipped:
         print(f"skipped {len(result.skipped)} non-weight entries (e.g. {result.skipped[0][0]!r}: "
               f"{result.skipped[0][1]})", file=sys.stderr)
-    print(f"converted {result.tensors} tensors ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s -> "
+    print(f"{verb} {result.tensors} tensors ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s -> "
           + ", ".join(result.files))
     return 0
 

@@ -1,28 +1,62 @@
-"""The one streaming engine: plan from metadata, then read, rename/transform, cast and write tensor by tensor.
+"""The one streaming loop: check every name and shape from metadata, then read, map, cast and write tensor by tensor.
 
-Memory stays near the largest tensor (or the largest stacked/concatenated group): every source tensor
-is read into its own array, written or copied into its group's buffer, and released before the next
-one is read.
+A plan is computed before any tensor data is read, so a wrong name, a wrong shape or a missing tensor
+fails before a byte is written, and the output's full list of tensors (needed for a safetensors header)
+is known up front. Memory stays near the largest tensor (or the largest stacked / concatenated one):
+every source tensor is read into its own array, copied into its group's buffer when it has one, and
+released before the next one is read.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import STORAGE, normalize_dtype
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.outputs import CkptSink, HFDirSink, SafetensorsFileSink
-from mindformers_ext.convert.plan import Plan, Step, expected_shapes, make_plan
+from mindformers_ext.convert.outputs import FileSink, HFDirSink
 from mindformers_ext.convert.quantize import quantize_stream, quantized_outputs, quantized_scale_shapes
-from mindformers_ext.convert.registry import get_weight_map
 from mindformers_ext.convert.sources import WeightSource, open_source
-from mindformers_ext.convert.tensors import TensorInfo
-from mindformers_ext.convert.weight_map import WeightMap, check_map_config
+from mindformers_ext.convert.tensors import STORAGE, ConversionError, TensorEntry, TensorInfo, is_float, normalize_dtype
+from mindformers_ext.convert.weight_map import (Layout, WeightMap, check_map_config, get_weight_map, load_config,
+                                                moves, our_shapes, split_name, weight_map_for_model_type)
 from mindformers_ext.interrupts import Interrupted, raise_on_signals
+
+
+@dataclass
+class Step:
+    """One move of the map towards ``to``: read ``sources``, join them (stack or concatenate along axis 0),
+    lay the result out, split it into ``outputs``."""
+
+    to: str  # "ours" | "hf"
+    sources: list[TensorEntry]
+    outputs: list[TensorInfo]
+    dtype: str  # what the sources are read as
+    stack: bool = False  # the HF side is stacked experts: stacked towards ours, unstacked towards HF
+    layout: Optional[Layout] = None
+
+
+@dataclass
+class Plan:
+    """Steps in source order and the outputs they emit, in emission order."""
+
+    to: str  # "ours" | "hf"
+    config: dict
+    steps: list[Step]
+    skipped: list[tuple[str, str]]
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return [o for step in self.steps for o in step.outputs]
+
+
+def expected_shapes(wmap: WeightMap, config: dict, side: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor name on ``side`` (``"hf"`` / ``"ours"``) that ``config`` implies, with its shape."""
+    wmap = wmap.for_config(config)
+    return dict(wmap.hf_shapes(config)) if side == "hf" else our_shapes(wmap, config)
 
 
 def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype: Optional[str] = None,
@@ -30,22 +64,64 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
     """Validate ``source`` against the map and config and plan its conversion towards ``to``.
 
     ``config_origin`` (the config file, when there is one) names the config in error messages."""
-    hf_cfg = check_map_config(wmap, config)
-    wmap = wmap.for_config(hf_cfg)
+    cfg = check_map_config(wmap, config)
+    wmap = wmap.for_config(cfg)
     try:
-        hf = expected_shapes(wmap, hf_cfg, "hf")
-        ours = expected_shapes(wmap, hf_cfg, "ours")
+        hf = wmap.hf_shapes(cfg)
+        ours = our_shapes(wmap, cfg, hf)
     except (KeyError, TypeError, IndexError) as exc:
         where = os.fspath(config_origin) if isinstance(config_origin, (str, os.PathLike)) else "the config"
-        kind = hf_cfg.get("model_type")
+        kind = cfg.get("model_type")
         what = f" (model_type {kind!r})" if kind else ""
         key = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise ConversionError(f"{where}{what} is not a {wmap.name} config: the {wmap.name} weight map needs "
                               f"{key!r}, which it lacks; is --model {wmap.name} the right model for "
                               f"{source.path}?") from None
-
-    expected = (hf, ours) if to == "ours" else (ours, hf)
-    return make_plan(source.entries(), wmap, hf_cfg, to, normalize_dtype(dtype), expected, source.path)
+    src_side, (src_shapes, dst_shapes) = ("hf", (hf, ours)) if to == "ours" else ("ours", (ours, hf))
+    summary = wmap.summary(cfg)
+    ignores = [re.compile(p) for p in wmap.ignore_patterns(src_side, cfg)]
+    known = wmap.templates(src_side)
+    by_name: dict[str, TensorEntry] = {}
+    skipped: list[tuple[str, str]] = []
+    for info in source.entries():
+        where = info.path or source.path
+        if info.dtype == "STR" or any(p.fullmatch(info.name) for p in ignores):
+            skipped.append((info.name, "string metadata" if info.dtype == "STR" else "not a model weight"))
+        elif split_name(info.name)[0] not in known and info.name not in known:
+            raise ConversionError(f"{where}: tensor {info.name!r} is not a {wmap.name} weight: no rule of "
+                                  f"the {wmap.name!r} weight map names it (wrong --model, or a checkpoint of "
+                                  "another architecture?)")
+        elif info.name not in src_shapes:
+            raise ConversionError(f"{where}: tensor {info.name!r} is a {wmap.name} weight, but the config "
+                                  f"({summary}) has no such tensor (check the layer count, biases, "
+                                  "tie_word_embeddings)")
+        elif tuple(info.shape) != tuple(src_shapes[info.name]):
+            note = wmap.note(info.name)
+            raise ConversionError(f"{where}: tensor {info.name!r} has shape {list(info.shape)}, but the config "
+                                  f"({summary}) implies {list(src_shapes[info.name])}" + (f" = {note}" if note else ""))
+        else:
+            by_name[info.name] = info
+    missing = [n for n in src_shapes if n not in by_name]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConversionError(f"{source.path}: {len(missing)} tensor(s) that the config ({summary}) requires are "
+                              f"missing: {shown}")
+    code = normalize_dtype(dtype)
+    if code and not is_float(code):
+        raise ConversionError(f"cannot convert tensors to {code}")
+    steps = []
+    for move in moves(wmap, cfg):
+        src, dst = (move.hf, move.ours) if to == "ours" else (move.ours, move.hf)
+        dtypes = {code if code and is_float(by_name[n].dtype) else by_name[n].dtype for n in src}
+        if len(dtypes) != 1:
+            raise ConversionError(f"{source.path}: the tensors combined into {dst[0]!r} have different dtypes "
+                                  f"{sorted(dtypes)}")
+        dt = dtypes.pop()
+        steps.append(Step(to, [by_name[n] for n in src], [TensorInfo(n, dt, tuple(dst_shapes[n])) for n in dst], dt,
+                          move.stack, move.layout))
+    order = {name: i for i, name in enumerate(by_name)}
+    steps.sort(key=lambda s: min(order[e.name] for e in s.sources))  # read the source front to back
+    return Plan(to, cfg, steps, skipped)
 
 
 def execute(plan: Plan) -> Iterator[tuple[TensorInfo, np.ndarray]]:
@@ -53,53 +129,39 @@ def execute(plan: Plan) -> Iterator[tuple[TensorInfo, np.ndarray]]:
 
     The caller should drop each array before asking for the next, so at most one is alive.
     """
-    buffers: dict[str, np.ndarray] = {}
-    cfg = plan.config
     for step in plan.steps:
-        if step.kind == "skip":
+        whole = _join(step)
+        if step.layout is not None:
+            lay_out = step.layout.to_ours if step.to == "ours" else step.layout.to_hf
+            whole = lay_out(whole, plan.config)
+        if len(step.outputs) == 1:
+            yield _checked(step.outputs[0], whole)
+            del whole
             continue
-        array = step.entry.read(step.read_dtype)
-        if step.in_transform is not None:
-            array = step.in_transform.to_hf(array, cfg)
-        if step.group is not None:
-            group = step.group
-            buf = buffers.get(group.out.name)
-            if buf is None:
-                buf = buffers[group.out.name] = np.empty(group.combined, dtype=array.dtype)
-            start, length = group.slots[step.entry.name]
-            index = [slice(None)] * buf.ndim
-            index[group.axis] = start if group.stack else slice(start, start + length)
-            buf[tuple(index)] = array
-            del array
-            if not step.outputs:
-                continue
-            array = buffers.pop(group.out.name)
-            del buf
-            if group.transform is not None:
-                array = group.transform.to_ours(array, cfg)
-            yield _checked(group.out, array)
-            del array
-        elif step.kind == "rename":
-            if step.out_transforms[0] is not None:
-                array = step.out_transforms[0].to_ours(array, cfg)
-            yield _checked(step.outputs[0], array)
-            del array
-        else:
-            yield from _scatter(step, array, cfg)
-            del array
+        unstack = step.stack and step.to == "hf"  # experts towards HF; else parts split along axis 0
+        start = 0
+        for info in step.outputs:
+            rows = 1 if unstack else info.shape[0]
+            piece = np.ascontiguousarray(whole[start if unstack else slice(start, start + rows)])
+            start += rows
+            yield _checked(info, piece)
+            del piece
+        del whole
 
 
-def _scatter(step: Step, array: np.ndarray, cfg: dict) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+def _join(step: Step) -> np.ndarray:
+    """The step's one source, or its sources stacked (experts, towards ours) or concatenated along axis 0."""
+    if len(step.sources) == 1:
+        return step.sources[0].read(step.dtype)
+    stack = step.stack and step.to == "ours"
+    first = tuple(step.sources[0].shape)
+    rows = [1 if stack else entry.shape[0] for entry in step.sources]
+    whole = np.empty((len(rows),) + first if stack else (sum(rows),) + first[1:], dtype=STORAGE[step.dtype])
     start = 0
-    for info, length, t in zip(step.outputs, step.pieces, step.out_transforms):
-        index = [slice(None)] * array.ndim
-        index[step.axis] = start if step.kind == "unstack" else slice(start, start + length)
-        piece = np.ascontiguousarray(array[tuple(index)])
-        start += length
-        if t is not None:
-            piece = t.to_ours(piece, cfg)
-        yield _checked(info, piece)
-        del piece
+    for entry, count in zip(step.sources, rows):  # each source read into its own array, copied, released
+        whole[start if stack else slice(start, start + count)] = entry.read(step.dtype)
+        start += count
+    return whole
 
 
 def _checked(info: TensorInfo, array: np.ndarray) -> tuple[TensorInfo, np.ndarray]:
@@ -151,8 +213,6 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     output is replaced only with ``overwrite`` (the CLI's ``--overwrite``; the library default keeps
     the old behaviour).
     """
-    from mindformers_ext.convert.configs import load_config  # pylint: disable=import-outside-toplevel
-
     t0 = time.time()
     if quant and reverse:
         raise ConversionError(f"--quant {quant}: quantization is a forward conversion (HF -> MindSpore); "
@@ -176,7 +236,7 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
         outputs = quantized_outputs(outputs, scales)
         stream = quantize_stream(stream, scales)
     total = sum(o.nbytes for o in outputs)
-    sink = _make_sink(target, reverse, hf_cfg, plan, max_shard_size)
+    sink = _make_sink(target, reverse, hf_cfg, outputs, max_shard_size)
     bar = _progress(total, progress, os.path.basename(os.path.normpath(target)))
     with raise_on_signals():
         try:
@@ -204,10 +264,7 @@ def _real(path: str) -> str:
 def input_files(source: WeightSource, plan: Plan) -> set[str]:
     """Every file the conversion reads (real paths): the source (index) and each tensor's file."""
     files = {_real(source.path)} if os.path.isfile(source.path) else set()
-    for step in plan.steps:
-        entry = getattr(step, "entry", None)
-        if entry is not None and getattr(entry, "path", ""):
-            files.add(_real(entry.path))
+    files.update(_real(e.path) for step in plan.steps for e in step.sources if e.path)
     return files
 
 
@@ -235,14 +292,14 @@ def check_output(source: WeightSource, plan: Plan, target: str, reverse: bool, o
         raise ConversionError(f"{target}: exists; pass --overwrite to replace it")
 
 
-def _make_sink(target: str, reverse: bool, hf_cfg: dict, plan: Plan, max_shard_size):
+def _make_sink(target: str, reverse: bool, hf_cfg: dict, outputs: list[TensorInfo], max_shard_size):
     target = os.fspath(target)
     if reverse:
         if target.endswith((".safetensors", ".ckpt", ".json")):
             raise ConversionError(f"{target}: the HF output is a directory (it gets model.safetensors or shards, "
                                   "and config.json)")
         out_cfg = dict(hf_cfg)
-        floats = {o.dtype for o in plan.outputs if o.dtype in ("F32", "F16", "BF16")}
+        floats = {o.dtype for o in outputs if o.dtype in ("F32", "F16", "BF16")}
         if len(floats) == 1:
             out_cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[floats.pop()]
         return HFDirSink(target, out_cfg, max_shard_size)
@@ -251,10 +308,8 @@ def _make_sink(target: str, reverse: bool, hf_cfg: dict, plan: Plan, max_shard_s
         raise ConversionError(f"{target}: the output directory {parent} does not exist")
     if os.path.isdir(target):
         raise ConversionError(f"{target}: is a directory; give the output file name (e.g. model.ckpt)")
-    if target.endswith(".safetensors"):
-        return SafetensorsFileSink(target, {"format": "ms"})
-    if target.endswith(".ckpt"):
-        return CkptSink(target)
+    if target.endswith((".safetensors", ".ckpt")):
+        return FileSink(target, {"format": "ms"})
     raise ConversionError(f"{target}: the output must end with .ckpt (mindspore.load_checkpoint requires the "
                           "suffix) or .safetensors")
 
@@ -273,3 +328,49 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------- HF weights straight into a model
+def iter_hf_weights(hf_dir: str, model: Union[str, WeightMap, None] = None, config: Any = None,
+                    dtype: Optional[str] = "float32", allow_pickle: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(our_name, array)`` for every weight of the HF checkpoint at ``hf_dir``, one at a time.
+
+    ``model``: a map name (``'deepseek'``, ``'llama'``, ...) or ``None`` for the ``model_type`` in
+    ``config.json``. ``config``: an HF config dict / path, our config object or YAML; defaults to
+    ``hf_dir/config.json``. ``dtype``: float tensors are converted to it (float32 by default, so BF16
+    sources arrive as float32); ``None`` keeps the stored dtype. bfloat16 arrays use MindSpore's numpy
+    bfloat16 type (``mindspore.common.np_dtype.bfloat16``), so ``mindspore.Tensor(array)`` is bfloat16.
+
+    The whole checkpoint is validated (names, shapes against the config, nothing missing) before the
+    first tensor is yielded, with the same errors as the converter.
+    """
+    if config is None:
+        config = find_hf_config(hf_dir)
+        if config is None:
+            raise ConversionError(f"{hf_dir}: no config.json; pass config=")
+    if model is None:
+        raw = config
+        if isinstance(config, (str, os.PathLike)):
+            with open(config, encoding="utf-8") as f:
+                raw = json.load(f)
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if not model_type:
+            raise ConversionError(f"{hf_dir}: the config has no model_type; pass model=")
+        wmap = weight_map_for_model_type(model_type)
+    else:
+        wmap = get_weight_map(model)
+    plan = plan_for(open_source(hf_dir, allow_pickle=allow_pickle), wmap, load_config(config, wmap), "ours", dtype)
+    return mindspore_arrays(plan)
+
+
+def mindspore_arrays(plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of an executed conversion plan, bfloat16 viewed as MindSpore's numpy bfloat16."""
+    bf16 = None
+    for info, array in execute(plan):
+        if info.dtype == "BF16":
+            if bf16 is None:
+                from mindspore.common import np_dtype  # pylint: disable=import-outside-toplevel
+                bf16 = np_dtype.bfloat16
+            array = array.view(bf16)
+        yield info.name, array
+        del array

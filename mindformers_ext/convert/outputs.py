@@ -21,10 +21,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mindformers_ext.convert.ckpt_io import CkptWriter
-from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.safetensors_io import (INDEX_NAME, SafetensorsWriter, check_array, parse_size,
                                                     plan_shards, shard_names)
-from mindformers_ext.convert.tensors import TensorInfo
+from mindformers_ext.convert.tensors import ConversionError, TensorInfo
 from mindformers_ext.interrupts import pid_alive
 
 
@@ -73,63 +72,42 @@ def _umask_mode(mode: int) -> int:
     return mode & ~mask
 
 
-class CkptSink:
-    """One MindSpore ``.ckpt`` file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tmp = temp_prefix(path) + secrets.token_hex(4)
-        self.removed_stale: list[str] = []
-        self._f = None
-        self._writer: Optional[CkptWriter] = None
-        self._infos: dict[str, TensorInfo] = {}
-
-    def begin(self, outputs: Sequence[TensorInfo]) -> None:
-        self._infos = {o.name: o for o in outputs}
-        self.removed_stale = remove_stale_temps(self.path)
-        self._f = open(self.tmp, "xb")  # pylint: disable=consider-using-with
-        self._writer = CkptWriter(self._f)
-
-    def write(self, info: TensorInfo, array: np.ndarray) -> None:
-        check_array(info, array, self.tmp)
-        self._writer.write(info.name, array, info.dtype)
-
-    def commit(self) -> list[str]:
-        self._f.close()
-        os.replace(self.tmp, self.path)
-        return [self.path]
-
-    def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-class SafetensorsFileSink:
-    """One safetensors file (our names: MindSpore/MindFormers can load safetensors too)."""
+class FileSink:
+    """One output file: a MindSpore ``.ckpt``, or a ``.safetensors`` (our names: MindSpore / MindFormers
+    load safetensors too), written as ``<path>.tmp-<pid>-<random>`` and renamed into place."""
 
     def __init__(self, path: str, metadata: Optional[dict] = None):
         self.path = path
         self.tmp = temp_prefix(path) + secrets.token_hex(4)
         self.removed_stale: list[str] = []
         self.metadata = metadata
-        self._writer: Optional[SafetensorsWriter] = None
+        self._f = None
+        self._writer = None
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
         self.removed_stale = remove_stale_temps(self.path)
-        self._writer = SafetensorsWriter(self.tmp, outputs, self.metadata)
+        if self.path.endswith(".safetensors"):
+            self._writer = SafetensorsWriter(self.tmp, outputs, self.metadata)
+        else:
+            self._f = open(self.tmp, "xb")  # pylint: disable=consider-using-with
+            self._writer = CkptWriter(self._f)
 
     def write(self, info: TensorInfo, array: np.ndarray) -> None:
-        self._writer.write(info.name, array)
+        check_array(info, array, self.tmp)
+        self._writer.write(info.name, array, info.dtype)
 
     def commit(self) -> list[str]:
-        self._writer.close()
+        if self._f is not None:
+            self._f.close()
+        else:
+            self._writer.close()  # checks that every planned tensor was written
         os.replace(self.tmp, self.path)
         return [self.path]
 
     def abort(self) -> None:
-        if self._writer is not None:
+        if self._f is not None:
+            self._f.close()
+        elif self._writer is not None:
             self._writer.abort()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
@@ -177,7 +155,7 @@ class HFDirSink:
                 f.write("\n")
 
     def write(self, info: TensorInfo, array: np.ndarray) -> None:
-        self._writers[self._shard_of[info.name]].write(info.name, array)
+        self._writers[self._shard_of[info.name]].write(info.name, array, info.dtype)
 
     def commit(self) -> list[str]:
         for writer in self._writers.values():

@@ -12,9 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import cast, is_float
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.tensors import TensorEntry
+from mindformers_ext.convert.tensors import ConversionError, TensorEntry, cast, is_float
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 

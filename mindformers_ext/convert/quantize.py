@@ -12,9 +12,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import cast
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.tensors import TensorInfo
+from mindformers_ext.convert.tensors import ConversionError, TensorInfo, cast
 from mindformers_ext.convert.weight_map import WeightMap
 
 

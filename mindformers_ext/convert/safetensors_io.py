@@ -8,7 +8,6 @@ so a truncated or corrupt file fails up front with the file and tensor named.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -17,9 +16,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import STORAGE, itemsize
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.tensors import TensorEntry, TensorInfo, read_ranges
+from mindformers_ext.convert.tensors import STORAGE, ConversionError, TensorEntry, TensorInfo, file_entry
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,8 +62,7 @@ def read_safetensors_header(path: str) -> tuple[list[TensorEntry], dict[str, str
             raise ConversionError(f"{path}: tensor {name!r} needs bytes up to {data_start + end} but the file "
                                   f"has {size}: the file is truncated")
         dtype, shape = desc["dtype"], tuple(desc["shape"])
-        reader = functools.partial(_read_span, path, name, data_start + begin, end - begin, dtype, shape)
-        entries.append(TensorEntry(name, dtype, shape, path=path, reader=reader))
+        entries.append(file_entry(path, name, dtype, shape, [(data_start + begin, end - begin)]))
     if data_start + expect != size:
         what = "is truncated" if data_start + expect > size else "has trailing bytes after the last tensor"
         raise ConversionError(f"{path}: the header describes {data_start + expect} bytes but the file has "
@@ -86,15 +82,11 @@ def _check_entry(path: str, name: str, desc) -> tuple[int, int]:
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise ConversionError(f"{where}: bad data_offsets {offsets!r}: corrupt file")
-    need = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
+    need = TensorInfo(name, dtype, tuple(shape)).nbytes
     if offsets[1] - offsets[0] != need:
         raise ConversionError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but "
                               f"shape {shape} of {dtype} needs {need}: corrupt file")
     return offsets[0], offsets[1]
-
-
-def _read_span(path, name, offset, length, dtype, shape, dst=None):
-    return read_ranges(path, [(offset, length)], dtype, shape, dst, where=f"{path}: tensor {name!r}")
 
 
 def read_index(index_path: str) -> dict[str, str]:
@@ -163,8 +155,8 @@ class SafetensorsWriter:
         self._f = open(path, "xb")
         self._f.write(head)
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write ``array`` (storage dtype of the planned dtype) as tensor ``name``."""
+    def write(self, name: str, array: np.ndarray, dtype: Optional[str] = None) -> None:
+        """Write ``array`` (storage dtype of the planned dtype, which ``dtype`` may repeat) as tensor ``name``."""
         info = self._infos.get(name)
         if info is None:
             raise ConversionError(f"{self.path}: tensor {name!r} is not in the planned header")

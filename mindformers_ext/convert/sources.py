@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mindformers_ext.convert.ckpt_io import read_ckpt_index
-from mindformers_ext.convert.errors import ConversionError
 from mindformers_ext.convert.pickle_io import PICKLE_SUFFIXES, PickleFiles, refuse_pickle
 from mindformers_ext.convert.safetensors_io import INDEX_NAME, read_index, read_safetensors_header
-from mindformers_ext.convert.tensors import TensorEntry
+from mindformers_ext.convert.tensors import ConversionError, TensorEntry
 from mindformers_ext.convert.torch_zip import UnsafePickleError, is_torch_zip, read_torch_zip_index
 
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"

@@ -23,9 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import STORAGE, cast, is_float
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.tensors import TensorEntry
+from mindformers_ext.convert.tensors import STORAGE, ConversionError, TensorEntry, cast, is_float
 
 __all__ = ["UnsafePickleError", "is_torch_zip", "read_torch_zip_index"]
 

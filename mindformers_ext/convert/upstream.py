@@ -1,6 +1,6 @@
 """Checkpoints written by upstream MindFormers (tags v1.3.2 - v1.5.0): detect, migrate, or load on the fly.
 
-Upstream's converters and training wrote these layouts (see ``maps/*_upstream.py``):
+Upstream's converters and training wrote these layouts (see ``UPSTREAM_MAP`` in ``maps/*.py``):
 
 * DeepSeek-Coder (Llama): our names exactly; nothing to map;
 * DeepSeek-V2: MoE layers under ``feed_forward.routed_experts.{router.dense, ffn.w1/w2/w3}`` and the
@@ -25,14 +25,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from mindformers_ext.convert.dtypes import normalize_dtype
-from mindformers_ext.convert.engine import ConversionResult, convert, plan_for
-from mindformers_ext.convert.errors import ConversionError
-from mindformers_ext.convert.hf import mindspore_arrays
-from mindformers_ext.convert.registry import get_weight_map, upstream_map_name
+from mindformers_ext.convert.engine import ConversionResult, convert, mindspore_arrays, plan_for
 from mindformers_ext.convert.sources import WeightSource, open_source
-from mindformers_ext.convert.tensors import TensorEntry
-from mindformers_ext.convert.weight_map import WeightMap
+from mindformers_ext.convert.tensors import ConversionError, TensorEntry, normalize_dtype
+from mindformers_ext.convert.weight_map import WeightMap, check_map_config, get_weight_map, load_config
 
 __all__ = ["FAMILIES", "detect_upstream", "family_of_model", "upstream_weight_map", "resolve_config",
            "convert_upstream", "plan_upstream", "upstream_candidate", "load_upstream_into", "load_checkpoint_into",
@@ -100,10 +96,10 @@ def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
     """The upstream map of ``family``; for DeepSeek-V2 the variant for ``entries``: grouped-matmul when
     the stacked experts are stored (E, hidden, inter) (``use_gmm``, told from the shapes), MLA-split when
     the attention is stored as upstream v1.5.0's split tensors (``attention.l2q_nope_proj`` ...)."""
-    wmap = get_weight_map(upstream_map_name(family))
+    wmap = get_weight_map(family + "_upstream")
     if family != "deepseek2" or not entries:
         return wmap
-    from mindformers_ext.convert.maps import deepseek2_upstream as maps  # pylint: disable=C0415
+    from mindformers_ext.convert.maps.deepseek2 import UPSTREAM_VARIANTS  # pylint: disable=C0415
 
     if hidden_size is None:
         embedding = [e for e in entries if e.name == "model.tok_embeddings.embedding_weight"]
@@ -116,40 +112,12 @@ def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
             break
     split = any(e.name.endswith((".attention.kv2l_latent_kv.weight", ".attention.l2q_nope_proj.weight",
                                  ".attention.lkv2kv_k_nope.weight")) for e in entries)
-    return {(False, False): wmap, (True, False): maps.GMM_MAP, (False, True): maps.SPLIT_MAP,
-            (True, True): maps.GMM_SPLIT_MAP}[(gmm, split)]
-
-
-def _yaml_model_config(path: str) -> dict:
-    """``model.model_config`` of a YAML (ours or upstream's, translated), with ``moe_config`` folded in."""
-    import yaml  # pylint: disable=import-outside-toplevel
-
-    from mindformers_ext.upstream import translate_config  # pylint: disable=import-outside-toplevel
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConversionError(f"{path}: cannot read the YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path}: the top level of the YAML must be a mapping")
-    translate_config(raw, path, warn=lambda m: None, info=lambda m: None)
-    model_config = (raw.get("model") or {}).get("model_config")
-    if not isinstance(model_config, dict):
-        raise ConversionError(f"{path}: no model.model_config section")
-    return {k: v for k, v in model_config.items() if k not in ("auto_register", "checkpoint_name_or_path")}
+    return UPSTREAM_VARIANTS[(gmm, split)]
 
 
 def _config_value(config: Any, wmap: WeightMap) -> Any:
-    """A YAML path (ours or upstream's) -> its model_config dict; an HF config.json path -> its dict."""
-    if isinstance(config, (str, os.PathLike)):
-        if str(config).endswith((".yaml", ".yml")):
-            if not os.path.isfile(config):
-                raise ConversionError(f"{config}: config file not found")
-            return _yaml_model_config(os.fspath(config))
-        from mindformers_ext.convert.configs import load_config  # pylint: disable=import-outside-toplevel
-        return load_config(config, wmap)
-    return config
+    """A path (our or upstream's YAML, an HF config.json) -> its HF config dict; anything else as it is."""
+    return load_config(config, wmap, upstream=True) if isinstance(config, (str, os.PathLike)) else config
 
 
 def _shapes_fit(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry]) -> Optional[str]:
@@ -221,8 +189,6 @@ def plan_upstream(source: WeightSource, family: str, config: Any = None, dtype: 
 def _shard_hint(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry], path: str) -> Optional[str]:
     """Why a checkpoint whose tensors are the config's cut along one axis into the same number of parts
     is one rank's part of a distributed save; None when its shapes differ otherwise."""
-    from mindformers_ext.convert.weight_map import check_map_config  # pylint: disable=import-outside-toplevel
-
     try:
         hf_cfg = check_map_config(wmap, config)
         expected = wmap.for_config(hf_cfg).hf_shapes(hf_cfg)
@@ -313,7 +279,7 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     from mindspore import Tensor
     from mindformers.tools.logger import logger
 
-    from mindformers_ext.checkpoint import CheckpointError
+    from mindformers_ext.checkpoint import CheckpointError, compare, model_parameters
 
     files = [files] if isinstance(files, str) else list(files)
     family = family_of_model(network)
@@ -325,20 +291,10 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     except ConversionError as exc:
         raise CheckpointError(f"{what}: {exc}") from exc
     produced = {o.name: o.shape for o in plan.outputs}
-    missing = sorted(set(params) - set(produced))
-    unexpected = sorted(set(produced) - set(params))
-    wrong = [(n, produced[n], tuple(params[n].shape)) for n in produced
-             if n in params and tuple(produced[n]) != tuple(params[n].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"no weight for {missing[:4]}")
-        if unexpected:
-            parts.append(f"weights the model does not have: {unexpected[:4]}")
-        if wrong:
-            parts.append("shapes differ: " + ", ".join(f"{n} {tuple(a)} (model {tuple(b)})" for n, a, b in wrong[:4]))
+    report = compare(model_parameters(network), produced)
+    if not report.ok:
         raise CheckpointError(f"{what} {source.path}: an upstream MindFormers {_FAMILY_TITLE[family]} checkpoint that "
-                              f"does not fit {type(network).__name__}: " + "; ".join(parts))
+                              f"does not fit {type(network).__name__}: {report.describe(len(params))}")
     logger.info("%s %s: upstream MindFormers %s checkpoint layout (%s): mapped to ours while loading; "
                 "tools/convert_weight.py --model %s --upstream migrates it once", what, source.path,
                 _FAMILY_TITLE[family], _WHAT[family], {"deepseek2": "deepseek2", "wizardcoder": "wizardcoder"}[family])
@@ -386,21 +342,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    from mindformers_ext.convert.cli import output_file, report  # pylint: disable=import-outside-toplevel
+
     args = build_parser(prog).parse_args(argv)
-    output = args.output_path
-    if os.path.isdir(output) or output.endswith(("/", os.sep)):
-        os.makedirs(output, exist_ok=True)
-        output = os.path.join(output, f"{args.model}.ckpt")
+    output = output_file(args.output_path, False, f"{args.model}.ckpt")
     try:
-        dtype = normalize_dtype({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype))
-        result = convert_upstream(args.input_path, output, args.model, args.config, dtype,
+        result = convert_upstream(args.input_path, output, args.model, args.config, normalize_dtype(args.dtype),
                                   progress=not args.no_progress, overwrite=args.overwrite)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} non-weight entries (e.g. {result.skipped[0][0]!r}: "
-              f"{result.skipped[0][1]})", file=sys.stderr)
-    print(f"migrated {result.tensors} tensors ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s -> "
-          + ", ".join(result.files))
-    return 0
+    return report(result, "migrated")

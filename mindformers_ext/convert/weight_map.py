@@ -1,28 +1,32 @@
-"""Weight maps as data: how HF tensor names (and layouts) correspond to ours for one model family.
+"""Weight maps as plain data: how the tensors of one model family correspond between HF and our names.
 
-A map is mostly ``{}``-templated name pairs (litgpt style): ``"model.layers.{}.self_attn.q_proj.weight"
--> "model.layers.{}.attention.wq.weight"``; a name's all-digit path components fill the ``{}``s. Beyond
-one-to-one renames a map can declare
+A family's map is a dict of ``{}``-templated name pairs (litgpt's ``copy_weights_hf_llama`` style):
+``"model.layers.{}.self_attn.q_proj.weight" -> "model.layers.{}.attention.wq.weight"``; a name's all-digit
+path components fill the ``{}``s. The few entries that are more than a rename say so in the dict itself:
 
-* :class:`StackRule`: many HF tensors indexed by one more ``{}`` (e.g. MoE experts) <-> one tensor of
-  ours stacked along ``axis``;
-* :class:`ConcatRule`: several HF tensors <-> one of ours concatenated along ``axis`` (e.g. a fused qkv),
-  or one HF tensor <-> several of ours (a fused HF tensor we keep split: give ``sizes``);
-* :class:`Transform`: a per-tensor change of layout keyed by our template (a transpose, a RoPE row
-  permutation), with its shape rule.
+* an HF template with one more ``{}`` than ours (e.g. MoE experts): the HF tensors are stacked along a
+  new axis 0 into one of ours, in index order;
+* several HF templates naming the same template of ours: concatenated along axis 0 in dict order;
+* a tuple of our templates: the HF tensor is split along axis 0 into them (``WeightMap.split_rows``);
+* ``WeightMap.layouts``: our template -> :class:`Layout`, rows permuted and/or axes transposed.
 
-``hf_shapes(hf_config)`` gives every HF tensor the config implies, with its shape; our names and shapes
-follow by applying the rules (see :mod:`mindformers_ext.convert.engine`), so a map states each shape once.
-One engine drives every map; adding a model means adding a map module (see ``maps/``).
+:func:`moves` expands a map for one config into concrete :class:`Move` s (which HF tensors make which of
+ours); :mod:`mindformers_ext.convert.engine` runs them in either direction. HF shapes come from the
+map's ``hf_shapes(config)``; ours follow from the moves, so each shape is stated once. The "hf" side of
+the ``*_upstream`` maps is the layout of checkpoints written by upstream MindFormers.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from mindformers_ext.convert.errors import ConversionError
+from mindformers_ext.convert.tensors import ConversionError
 
 Shape = tuple[int, ...]
 
@@ -33,6 +37,14 @@ MS_TRAINING_STATE = (
     r"global_step|learning_rate|epoch_num|step_num|loss_scale|scale_sense|current_iterator_step"
     r"|last_overflow_iterator_step|beta1_power|beta2_power|micro_size",
 )
+
+
+def tied_head(head: str, tied_default: bool, base: Sequence[str] = ()) -> Callable[[dict], tuple[str, ...]]:
+    """Ignore rules: ``base``, plus ``head`` (the LM head's name, a regex) when the config ties the head to
+    the word embedding (``tie_word_embeddings``, default ``tied_default``): then the embedding is the head."""
+    def rules(cfg: dict) -> tuple[str, ...]:
+        return tuple(base) + ((head,) if cfg.get("tie_word_embeddings", tied_default) else ())
+    return rules
 
 
 def split_name(name: str) -> tuple[str, tuple[int, ...]]:
@@ -47,84 +59,40 @@ def fill(template: str, indices: Sequence[int]) -> str:
     return template.format(*indices)
 
 
-def _holes(template: str) -> int:
-    return template.count("{}")
+@dataclass(frozen=True)
+class Layout:
+    """How one of our tensors is laid out relative to the other side: ``ours = other[rows(n, config)]``
+    (a row order over the ``n`` rows, e.g. DeepSeek-V2's RoPE rows), then transposed by ``axes``."""
 
+    rows: Optional[Callable[[int, dict], np.ndarray]] = None
+    axes: Optional[tuple[int, ...]] = None
 
-class Transform:
-    """A per-tensor layout change between HF and ours (identity here); keyed by our template.
+    def to_ours(self, array: np.ndarray, config: dict) -> np.ndarray:
+        if self.rows is not None:
+            array = array[self.rows(array.shape[0], config)]
+        return np.ascontiguousarray(array.transpose(self.axes) if self.axes else array)
 
-    Subclasses override the array methods and, if the shape changes, the shape methods.
-    """
+    def to_hf(self, array: np.ndarray, config: dict) -> np.ndarray:
+        if self.axes:
+            array = array.transpose(np.argsort(self.axes))
+        if self.rows is not None:
+            array = array[np.argsort(self.rows(array.shape[0], config))]
+        return np.ascontiguousarray(array)
 
-    def to_ours(self, array: np.ndarray, config: dict) -> np.ndarray:  # pylint: disable=unused-argument
-        return array
-
-    def to_hf(self, array: np.ndarray, config: dict) -> np.ndarray:  # pylint: disable=unused-argument
-        return array
-
-    def ours_shape(self, hf_shape: Shape, config: dict) -> Shape:  # pylint: disable=unused-argument
-        return hf_shape
-
-    def hf_shape(self, ours_shape: Shape, config: dict) -> Shape:  # pylint: disable=unused-argument
-        return ours_shape
+    def ours_shape(self, shape: Shape) -> Shape:
+        return tuple(shape[i] for i in self.axes) if self.axes else tuple(shape)
 
 
 @dataclass(frozen=True)
-class Transpose(Transform):
-    """Ours = ``np.transpose(hf, axes)`` (e.g. stacked expert weights kept as [E, in, out])."""
-
-    axes: tuple[int, ...]
-
-    def _inverse(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in np.argsort(self.axes))
-
-    def to_ours(self, array, config):
-        return np.ascontiguousarray(np.transpose(array, self.axes))
-
-    def to_hf(self, array, config):
-        return np.ascontiguousarray(np.transpose(array, self._inverse()))
-
-    def ours_shape(self, hf_shape, config):
-        return tuple(hf_shape[i] for i in self.axes)
-
-    def hf_shape(self, ours_shape, config):
-        return tuple(ours_shape[i] for i in self._inverse())
-
-
-@dataclass(frozen=True)
-class StackRule:
-    """HF tensors ``hf`` (one more ``{}`` than ``ours``; the ``index_pos``-th is the stack index, e.g. the
-    expert) <-> one tensor of ours, stacked along a new axis ``axis`` in index order 0..n-1."""
-
-    hf: str
-    ours: str
-    axis: int = 0
-    index_pos: int = -1
-
-
-@dataclass(frozen=True)
-class ConcatRule:
-    """HF tensors ``hf`` <-> our tensors ``ours``, one side a single tensor that is the others concatenated
-    along ``axis`` in the listed order. When ``ours`` lists several, ``sizes(hf_config)`` gives their
-    lengths along ``axis`` (HF's sizes come from ``hf_shapes``)."""
+class Move:
+    """HF tensors ``hf`` (one, or several joined along axis 0: stacked when ``stack``, else concatenated)
+    -> our tensors ``ours`` (one, with ``layout``; or several, the rows ``sizes`` of the joined tensor)."""
 
     hf: tuple[str, ...]
     ours: tuple[str, ...]
-    axis: int = 0
-    sizes: Optional[Callable[[dict], Sequence[int]]] = None
-
-
-@dataclass(frozen=True)
-class Route:
-    """How one source template becomes output(s), in one direction (built from the rules)."""
-
-    kind: str  # "rename" | "stack" (many -> one) | "unstack" | "concat" (many -> one) | "split"
-    src: tuple[str, ...]  # the source templates involved (one, except for concat)
-    dst: tuple[str, ...]  # the destination templates (one, except for split)
-    axis: int = 0
-    index_pos: int = -1
-    sizes: Optional[Callable[[dict], Sequence[int]]] = None
+    stack: bool = False
+    layout: Optional[Layout] = None
+    sizes: tuple[int, ...] = ()
 
 
 Ignore = Union[Sequence[str], Callable[[dict], Sequence[str]]]
@@ -132,15 +100,16 @@ Ignore = Union[Sequence[str], Callable[[dict], Sequence[str]]]
 
 @dataclass(frozen=True)
 class WeightMap:
-    """Everything the engine needs to convert one model family's weights, in both directions.
+    """One model family's weights, both directions.
 
     Args:
         name: the map's name (``--model``).
-        names: HF template -> our template, one to one.
-        hf_shapes: HF config dict -> ``{hf_name: shape}`` of every tensor the config implies.
+        names: HF template -> our template (or a tuple of them: a split), see the module doc.
+        hf_shapes: HF config dict -> ``{hf_name: shape}`` of every tensor the config implies, in order.
         hf_config: turns what users pass as a config (an HF config dict, our config object or our YAML's
             ``model_config`` dict) into an HF config dict.
-        stacks, concats, transforms: see the classes above.
+        layouts: our template -> :class:`Layout`.
+        split_rows: HF config -> rows of each part of a split (the tuples in ``names``).
         hf_ignore / ours_ignore: regexes (full match) of source names to skip, or a function of the HF
             config returning them (e.g. a tied ``lm_head.weight``).
         shape_notes: template (either side) -> how the config sets its shape, for error messages.
@@ -148,16 +117,15 @@ class WeightMap:
         model_types: HF ``model_type`` values this map handles.
         select: optional function of the HF config returning the map to use for that config, for a family
             whose variants store one HF tensor differently (GPT-BigCode's fused ``c_attn``: multi-query or
-            not); ``None``: this map serves every config. See :meth:`for_config`.
+            not); ``None``: this map serves every config.
     """
 
     name: str
-    names: Mapping[str, str]
+    names: Mapping[str, Union[str, tuple[str, ...]]]
     hf_shapes: Callable[[dict], dict[str, Shape]]
     hf_config: Callable[[Any], dict]
-    stacks: Sequence[StackRule] = ()
-    concats: Sequence[ConcatRule] = ()
-    transforms: Mapping[str, Transform] = field(default_factory=dict)
+    layouts: Mapping[str, Layout] = field(default_factory=dict)
+    split_rows: Optional[Callable[[dict], Sequence[int]]] = None
     hf_ignore: Ignore = ()
     ours_ignore: Ignore = MS_TRAINING_STATE
     shape_notes: Mapping[str, str] = field(default_factory=dict)
@@ -165,51 +133,8 @@ class WeightMap:
     model_types: Sequence[str] = ()
     select: Optional[Callable[[dict], "WeightMap"]] = None
 
-    def __post_init__(self):
-        to_ours: dict[str, Route] = {}
-        to_hf: dict[str, Route] = {}
-
-        def add(table: dict, template: str, route: Route) -> None:
-            if template in table:
-                raise ValueError(f"weight map {self.name!r}: template {template!r} is claimed by two rules")
-            table[template] = route
-
-        for hf, ours in self.names.items():
-            if _holes(hf) != _holes(ours):
-                raise ValueError(f"weight map {self.name!r}: {hf!r} and {ours!r} differ in placeholders")
-            add(to_ours, hf, Route("rename", (hf,), (ours,)))
-            add(to_hf, ours, Route("rename", (ours,), (hf,)))
-        for rule in self.stacks:
-            if _holes(rule.hf) != _holes(rule.ours) + 1:
-                raise ValueError(f"weight map {self.name!r}: stack {rule.hf!r} needs one more {{}} than {rule.ours!r}")
-            add(to_ours, rule.hf, Route("stack", (rule.hf,), (rule.ours,), rule.axis, rule.index_pos))
-            add(to_hf, rule.ours, Route("unstack", (rule.ours,), (rule.hf,), rule.axis, rule.index_pos))
-        for rule in self.concats:
-            hf, ours = tuple(rule.hf), tuple(rule.ours)
-            if len(hf) > 1 and len(ours) > 1 or not hf or not ours:
-                raise ValueError(f"weight map {self.name!r}: a concat rule joins several tensors into one")
-            if len({_holes(t) for t in hf + ours}) != 1:
-                raise ValueError(f"weight map {self.name!r}: concat templates differ in placeholders")
-            if len(ours) > 1 and rule.sizes is None:
-                raise ValueError(f"weight map {self.name!r}: splitting {hf[0]!r} into {ours} needs sizes")
-            if len(hf) > 1:
-                for t in hf:
-                    add(to_ours, t, Route("concat", hf, ours, rule.axis))
-                add(to_hf, ours[0], Route("split", ours, hf, rule.axis))
-            else:
-                add(to_ours, hf[0], Route("split", hf, ours, rule.axis, sizes=rule.sizes))
-                for t in ours:
-                    add(to_hf, t, Route("concat", ours, hf, rule.axis))
-        notes = dict(self.shape_notes)
-        for hf, ours in self.names.items():
-            if hf in notes and ours not in notes:
-                notes[ours] = notes[hf]
-        object.__setattr__(self, "_routes", {"ours": to_ours, "hf": to_hf})
-        object.__setattr__(self, "_notes", notes)
-
     def for_config(self, config: dict) -> "WeightMap":
-        """The map that converts checkpoints of ``config`` (an HF config dict): ``self`` unless ``select``
-        picks a variant."""
+        """The map that converts checkpoints of ``config``: ``self`` unless ``select`` picks a variant."""
         if self.select is None:
             return self
         chosen = self.select(config)
@@ -217,15 +142,11 @@ class WeightMap:
             raise ConversionError(f"weight map {self.name!r}: select() did not return a WeightMap")
         return chosen
 
-    def route(self, name: str, to: str) -> Optional[tuple[Route, tuple[int, ...]]]:
-        """The route of source ``name`` towards ``to`` (``"ours"`` or ``"hf"``) and its indices, or None."""
-        table = self._routes[to]  # pylint: disable=no-member
-        if name in table:  # a literal template (no digits) or a name that is its own template
-            return table[name], ()
-        template, indices = split_name(name)
-        if template in table:
-            return table[template], indices
-        return None
+    def templates(self, side: str) -> set[str]:
+        """Every template of ``side`` (``"hf"`` / ``"ours"``) that the map names."""
+        if side == "hf":
+            return set(self.names)
+        return {t for v in self.names.values() for t in ((v,) if isinstance(v, str) else v)}
 
     def ignore_patterns(self, side: str, config: dict) -> Sequence[str]:
         """Regexes of source names to skip on ``side`` (``"hf"`` or ``"ours"``)."""
@@ -234,15 +155,163 @@ class WeightMap:
 
     def note(self, name: str) -> str:
         """How the config sets ``name``'s shape (empty when the map does not say)."""
-        notes = self._notes  # pylint: disable=no-member
-        return notes.get(name) or notes.get(split_name(name)[0], "")
-
-    def transform(self, ours_template: str) -> Optional[Transform]:
-        return self.transforms.get(ours_template)
+        template = split_name(name)[0]
+        for key in (name, template):
+            if key in self.shape_notes:
+                return self.shape_notes[key]
+        hf = [k for k, v in self.names.items() if v == template]
+        return self.shape_notes.get(hf[0], "") if hf else ""
 
     def summary(self, config: dict) -> str:
         """``'hidden_size=64, num_hidden_layers=2, ...'`` for error messages."""
         return ", ".join(f"{k}={config[k]}" for k in self.summary_keys if k in config)
+
+
+def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
+    """The map of ``family``'s checkpoints written by upstream MindFormers, whose layout is its "hf" side:
+    ``fields`` (names, shapes, layouts, ...) replace the family's; the config reader, the summary and our
+    side's ignore rules stay (the latter also skip the training state upstream's Trainer saves)."""
+    base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, split_rows=None,
+                shape_notes={}, model_types=(), select=None)
+    return dataclasses.replace(family, **{**base, **fields})
+
+
+def moves(wmap: WeightMap, config: dict) -> list[Move]:
+    """The map expanded for ``config`` (an HF config dict), in the order of ``wmap.hf_shapes``."""
+    groups: dict[tuple[str, ...], list[str]] = {}  # our name(s) -> the HF names they are made of, in order
+    stacked = set()
+    for hf in wmap.hf_shapes(config):
+        template, idx = split_name(hf)
+        ours = wmap.names[template]
+        if isinstance(ours, str) and ours.count("{}") < len(idx):  # one index more: the stacked one (an expert)
+            key = (fill(ours, idx[:-1]),)
+            stacked.add(key)
+        else:
+            key = tuple(fill(t, idx) for t in ((ours,) if isinstance(ours, str) else ours))
+        groups.setdefault(key, []).append(hf)
+    out = []
+    for ours, hf in groups.items():
+        if len(ours) > 1:
+            out.append(Move(tuple(hf), ours, sizes=tuple(wmap.split_rows(config))))
+        else:
+            out.append(Move(tuple(hf), ours, ours in stacked, wmap.layouts.get(split_name(ours[0])[0])))
+    return out
+
+
+def our_shapes(wmap: WeightMap, config: dict, hf_shapes: Optional[dict] = None) -> dict[str, Shape]:
+    """Every tensor of ours that ``config`` implies, with its shape (from the HF shapes and the moves)."""
+    hf_shapes = wmap.hf_shapes(config) if hf_shapes is None else hf_shapes
+    shapes: dict[str, Shape] = {}
+    for move in moves(wmap, config):
+        parts = [tuple(hf_shapes[n]) for n in move.hf]
+        whole = ((len(parts),) + parts[0] if move.stack else (sum(p[0] for p in parts),) + parts[0][1:])
+        if move.layout is not None:
+            whole = move.layout.ours_shape(whole)
+        if len(move.ours) == 1:
+            shapes[move.ours[0]] = whole
+        else:
+            shapes.update((n, (rows,) + whole[1:]) for n, rows in zip(move.ours, move.sizes))
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------- registry
+# --model name -> map module (DeepSeek-Coder v1 / v1.5 are Llama-shaped: same map); ``<name>_upstream``:
+# checkpoints written by upstream MindFormers' converters / training (``--upstream``), in the same module
+BUILTIN_MAPS = {
+    "llama": "llama", "deepseek": "llama", "deepseek1_5": "llama", "deepseek_coder": "llama",
+    "deepseek2": "deepseek2", "deepseek_v2": "deepseek2",
+    "wizardcoder": "wizardcoder", "gpt_bigcode": "wizardcoder",
+}
+UPSTREAM_SUFFIX = "_upstream"
+# HF config.json model_type -> --model name
+MODEL_TYPES = {"llama": "llama", "deepseek_v2": "deepseek2", "gpt_bigcode": "wizardcoder"}
+
+_REGISTERED: dict[str, WeightMap] = {}
+
+
+def register_weight_map(wmap: WeightMap, *names: str) -> WeightMap:
+    """Make ``wmap`` available as ``wmap.name`` and ``names`` (overrides a built-in of that name)."""
+    for name in (wmap.name, *names):
+        _REGISTERED[name] = wmap
+    for model_type in wmap.model_types:
+        MODEL_TYPES.setdefault(model_type, wmap.name)
+    return wmap
+
+
+def available_models() -> list[str]:
+    """Names ``--model`` accepts."""
+    builtin = {n + s for n in BUILTIN_MAPS for s in ("", UPSTREAM_SUFFIX)}
+    return sorted(builtin | set(_REGISTERED))
+
+
+def get_weight_map(model: Union[str, WeightMap]) -> WeightMap:
+    """The weight map for ``model`` (a name such as ``'deepseek'``, or a map, returned as is)."""
+    if isinstance(model, WeightMap):
+        return model
+    if model in _REGISTERED:
+        return _REGISTERED[model]
+    upstream = model.endswith(UPSTREAM_SUFFIX)
+    family = BUILTIN_MAPS.get(model[:-len(UPSTREAM_SUFFIX)] if upstream else model)
+    if family is None and upstream:
+        raise ConversionError(f"no upstream MindFormers layout for model {model[:-len(UPSTREAM_SUFFIX)]!r}; "
+                              f"--upstream knows: {sorted(BUILTIN_MAPS)}")
+    if family is None:
+        raise ConversionError(f"no weight map for model {model!r}; available: {available_models()}")
+    module_name = f"mindformers_ext.convert.maps.{family}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise ConversionError(f"model {model!r} has no weight map yet (expected module {module_name})") from exc
+    return getattr(module, "UPSTREAM_MAP" if upstream else "WEIGHT_MAP")
+
+
+def weight_map_for_model_type(model_type: str) -> WeightMap:
+    """The weight map for an HF ``config.json`` ``model_type`` (``'llama'``, ``'deepseek_v2'``, ...)."""
+    if model_type not in MODEL_TYPES:
+        raise ConversionError(f"no weight map for HF model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
+    return get_weight_map(MODEL_TYPES[model_type])
+
+
+# -------------------------------------------------------------------------------------------- configs
+def load_config(config: Any, wmap: WeightMap, upstream: bool = False) -> dict:
+    """An HF config dict for ``wmap`` from a path (HF ``config.json``, a directory holding one, or our
+    MindFormers YAML, whose ``model.model_config`` is used; with ``upstream`` also upstream's YAML), a dict,
+    or a config object."""
+    if not isinstance(config, (str, os.PathLike)):
+        check_model_type(wmap, config, "the config")
+        return check_map_config(wmap, config)
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: config file not found")
+    if path.endswith((".yaml", ".yml")):
+        config = yaml_model_config(path, upstream)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{path}: cannot read the config as JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ConversionError(f"{path}: the config is not a JSON object")
+    check_model_type(wmap, config, path)
+    try:
+        return check_map_config(wmap, config)
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from exc
+
+
+def check_model_type(wmap: WeightMap, config: Any, where: str) -> None:
+    """Refuse an HF config whose ``model_type`` is not one the map converts (a wrong ``--model``)."""
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not kind or not wmap.model_types or kind in wmap.model_types:
+        return
+    hint = f"; for this checkpoint use --model {MODEL_TYPES[kind]}" if kind in MODEL_TYPES else ""
+    raise ConversionError(f"{where}: model_type {kind!r} is not a {wmap.name} checkpoint (--model {wmap.name} "
+                          f"expects model_type {' / '.join(map(repr, wmap.model_types))}){hint}")
 
 
 def check_map_config(wmap: WeightMap, config: Any) -> dict:
@@ -256,3 +325,24 @@ def check_map_config(wmap: WeightMap, config: Any) -> dict:
     if not isinstance(hf, dict):
         raise ConversionError(f"{wmap.name}: the config did not give an HF config dict")
     return hf
+
+
+def yaml_model_config(path: str, upstream: bool = False) -> dict:
+    """``model.model_config`` of our YAML; with ``upstream``, of ours or upstream MindFormers' (translated
+    to ours, ``moe_config`` folded in, loading-only keys dropped)."""
+    import yaml  # pylint: disable=import-outside-toplevel
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConversionError(f"{path}: cannot read the YAML: {exc}") from exc
+    if upstream:
+        from mindformers_ext.upstream import translate_config  # pylint: disable=import-outside-toplevel
+        if not isinstance(doc, dict):
+            raise ConversionError(f"{path}: the top level of the YAML must be a mapping")
+        translate_config(doc, path, warn=lambda m: None, info=lambda m: None)
+    model_config = ((doc or {}).get("model") or {}).get("model_config") if isinstance(doc, dict) else None
+    if not isinstance(model_config, dict):
+        raise ConversionError(f"{path}: no model.model_config section")
+    drop = ("auto_register", "checkpoint_name_or_path") if upstream else ()
+    return {k: v for k, v in model_config.items() if k not in drop}

@@ -66,8 +66,7 @@ def _fail(message: str) -> int:
 def _experts_in_config(args: argparse.Namespace) -> tuple:
     """(n_routed_experts, where it was read) from --config or the HF directory's config.json."""
     # pylint: disable=import-outside-toplevel
-    from mindformers_ext.convert.configs import load_config
-    from mindformers_ext.convert.registry import get_weight_map
+    from mindformers_ext.convert.weight_map import get_weight_map, load_config
 
     where = args.config or args.torch_ckpt_path or args.input_path
     if where and not args.config and os.path.isfile(where):

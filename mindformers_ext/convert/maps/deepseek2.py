@@ -4,22 +4,46 @@ Beyond renames:
 
 * routed experts: HF keeps one tensor per expert (``mlp.experts.{j}.gate_proj.weight`` ...); ours
   stacks them per layer and projection (``feed_forward.ffn.w1`` of shape (E, inter, hidden), still
-  [out, in] per expert). The engine stacks one layer's experts at a time, so memory stays at one
-  stacked tensor (``StackRule``);
+  [out, in] per expert). The converter stacks one layer's experts at a time, so memory stays at one
+  stacked tensor;
 * RoPE rows: DeepSeek's checkpoints hold the rope part of each query head (``q_b_proj`` /
   ``q_proj``) and the shared rope key (the last rows of ``kv_a_proj_with_mqa``) in the interleaved
   (complex pair) layout; our :class:`ApplyRotary` is rotate-half, so those rows are permuted
-  ``[0, 2, 4, ..., 1, 3, 5, ...]`` on the way in and back on the way out (:class:`RopeRows`). That
-  is exactly the permutation DeepSeek's own ``apply_rotary_pos_emb`` applies to q and k at run time.
+  ``[0, 2, 4, ..., 1, 3, 5, ...]`` on the way in and back on the way out (:func:`query_rope_rows`,
+  :func:`key_rope_rows`). That is exactly the permutation DeepSeek's own ``apply_rotary_pos_emb``
+  applies to q and k at run time.
+
+:data:`UPSTREAM_MAP` and its :data:`UPSTREAM_VARIANTS`: checkpoints written by upstream MindFormers
+(``research/deepseek2/convert_weight.py`` of tags v1.3.2 - v1.5.0, or saved by its training). Upstream
+renamed HF's tensors much as we do (the dense parts have our names), but
+
+* MoE layers live under ``feed_forward.routed_experts``: the router is
+  ``feed_forward.routed_experts.router.dense.weight`` (ours ``feed_forward.router.dense.weight``) and
+  the stacked experts ``feed_forward.routed_experts.ffn.w1.weight`` (E, inter, hidden) (ours
+  ``feed_forward.ffn.w1``, same shape); shared experts have our names;
+* the rope rows of ``attention.l2q_proj`` / ``attention.q_proj`` (each head's last
+  ``qk_rope_head_dim`` rows) and of ``attention.kv2l`` (its last rows) stay in HF's interleaved order;
+  ours are permuted to rotate-half, as from HF;
+* its converter stored norms and the router in float32, everything else in bfloat16 (dtypes are
+  kept here; loading casts to the model's dtype).
+
+The variants: ``gmm`` for MindFormers' grouped-matmul MoE layout (``use_gmm``): the stacked experts
+transposed to (E, in, out); ``split`` for checkpoints that upstream v1.5.0's converter split for its
+MLA (its positional flag with ``--pre_ckpt_path``): ``attention.l2q_proj`` as ``l2q_nope_proj`` (every
+head's nope rows) + ``l2q_pe_proj`` (every head's rope rows, already in our rotate-half order),
+``attention.kv2l`` as ``kv2l_latent_kv`` + ``kv2l_k_pe`` (rotate-half too) and ``attention.lkv2kv`` as
+``lkv2kv_k_nope`` + ``lkv2kv_v``; ``q_proj`` (V2-Lite) is not split and keeps HF's order.
+:func:`mindformers_ext.convert.upstream.upstream_weight_map` picks the variant from the checkpoint's
+names and shapes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mindformers_ext.convert.weight_map import MS_TRAINING_STATE, StackRule, Transform, WeightMap
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, fill, our_shapes, split_name,
+                                                tied_head, upstream_map)
 
 L = "model.layers.{}."
 A = L + "self_attn."
@@ -42,12 +66,10 @@ NAMES = {
     A + "o_proj.bias": L + "attention.wo.bias",
     L + "mlp.gate.weight": L + "feed_forward.router.dense.weight",
 }
-_PROJ = (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"))
-for _hf, _ours in _PROJ:
+for _hf, _ours in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
     NAMES[f"{L}mlp.{_hf}.weight"] = f"{L}feed_forward.{_ours}.weight"
     NAMES[f"{L}mlp.shared_experts.{_hf}.weight"] = f"{L}feed_forward.shared_experts.{_ours}.weight"
-STACKS = tuple(StackRule(f"{L}mlp.experts.{{}}.{_hf}.weight", f"{L}feed_forward.ffn.{_ours}", axis=0)
-               for _hf, _ours in _PROJ)
+    NAMES[f"{L}mlp.experts.{{}}.{_hf}.weight"] = f"{L}feed_forward.ffn.{_ours}"  # stacked: one {} fewer
 
 
 def rope_permutation(rope_dim: int) -> np.ndarray:
@@ -55,38 +77,27 @@ def rope_permutation(rope_dim: int) -> np.ndarray:
     return np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
 
 
-@dataclass(frozen=True)
-class RopeRows(Transform):
-    """Permute the rope rows of a projection: ``per_head`` (queries: each head's last
-    ``qk_rope_head_dim`` rows of ``qk_nope + qk_rope``) or the key latent (its last rope rows)."""
-
-    per_head: bool
-
-    def _order(self, rows: int, config: dict, inverse: bool) -> np.ndarray:
-        rope = config["qk_rope_head_dim"]
-        perm = rope_permutation(rope)
-        if inverse:
-            perm = np.argsort(perm)
-        if self.per_head:
-            width = config["qk_nope_head_dim"] + rope
-            heads = rows // width
-            block = np.concatenate([np.arange(width - rope), width - rope + perm])
-            return (np.arange(heads)[:, None] * width + block[None, :]).reshape(-1)
-        start = rows - rope
-        return np.concatenate([np.arange(start), start + perm])
-
-    def to_ours(self, array, config):
-        return np.ascontiguousarray(array[self._order(array.shape[0], config, False)])
-
-    def to_hf(self, array, config):
-        return np.ascontiguousarray(array[self._order(array.shape[0], config, True)])
+def query_rope_rows(rows: int, cfg: dict) -> np.ndarray:
+    """Row order of a query projection: each head's last ``qk_rope_head_dim`` rows (of ``qk_nope + qk_rope``)
+    permuted to rotate-half."""
+    rope = cfg["qk_rope_head_dim"]
+    width = cfg["qk_nope_head_dim"] + rope
+    block = np.concatenate([np.arange(width - rope), width - rope + rope_permutation(rope)])
+    return (np.arange(rows // width)[:, None] * width + block[None, :]).reshape(-1)
 
 
-TRANSFORMS = {
-    L + "attention.l2q_proj.weight": RopeRows(per_head=True),
-    L + "attention.q_proj.weight": RopeRows(per_head=True),
-    L + "attention.kv2l.weight": RopeRows(per_head=False),
-    L + "attention.kv2l.bias": RopeRows(per_head=False),
+def key_rope_rows(rows: int, cfg: dict) -> np.ndarray:
+    """Row order of the key latent projection: its last ``qk_rope_head_dim`` rows (the shared rope key)
+    permuted to rotate-half."""
+    start = rows - cfg["qk_rope_head_dim"]
+    return np.concatenate([np.arange(start), start + rope_permutation(cfg["qk_rope_head_dim"])])
+
+
+LAYOUTS = {
+    L + "attention.l2q_proj.weight": Layout(rows=query_rope_rows),
+    L + "attention.q_proj.weight": Layout(rows=query_rope_rows),
+    L + "attention.kv2l.weight": Layout(rows=key_rope_rows),
+    L + "attention.kv2l.bias": Layout(rows=key_rope_rows),
 }
 
 SHAPE_NOTES = {
@@ -108,6 +119,11 @@ SHAPE_NOTES = {
 def _is_moe(cfg: dict, layer: int) -> bool:
     return (cfg.get("n_routed_experts") is not None and layer >= cfg.get("first_k_dense_replace", 0)
             and layer % (cfg.get("moe_layer_freq") or 1) == 0)
+
+
+def _mlp(prefix: str, inter: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}gate_proj.weight": (inter, hidden), f"{prefix}up_proj.weight": (inter, hidden),
+            f"{prefix}down_proj.weight": (hidden, inter)}
 
 
 def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -142,19 +158,12 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
             shapes[p + "mlp.gate.weight"] = (experts, hidden)
             for j in range(experts):
-                for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                                    ("down_proj", (hidden, inter))):
-                    shapes[f"{p}mlp.experts.{j}.{name}.weight"] = shape
+                shapes.update(_mlp(f"{p}mlp.experts.{j}.", inter, hidden))
             shared = (cfg.get("n_shared_experts") or 0) * inter
             if shared:
-                for name, shape in (("gate_proj", (shared, hidden)), ("up_proj", (shared, hidden)),
-                                    ("down_proj", (hidden, shared))):
-                    shapes[f"{p}mlp.shared_experts.{name}.weight"] = shape
+                shapes.update(_mlp(f"{p}mlp.shared_experts.", shared, hidden))
         else:
-            inter = cfg["intermediate_size"]
-            for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                                ("down_proj", (hidden, inter))):
-                shapes[f"{p}mlp.{name}.weight"] = shape
+            shapes.update(_mlp(f"{p}mlp.", cfg["intermediate_size"], hidden))
     return shapes
 
 
@@ -177,26 +186,15 @@ def hf_config(config: Any) -> dict:
     raise TypeError(f"cannot read a DeepSeek-V2 config from {type(config).__name__}")
 
 
-def _ignore_hf(cfg: dict) -> tuple[str, ...]:
-    patterns = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.(inv_freq|cos_cached|sin_cached)",)
-    if cfg.get("tie_word_embeddings", False):
-        patterns += (r"lm_head\.weight",)
-    return patterns
-
-
-def _ignore_ours(cfg: dict) -> tuple[str, ...]:
-    return MS_TRAINING_STATE + ((r"lm_head\.weight",) if cfg.get("tie_word_embeddings", False) else ())
-
-
 WEIGHT_MAP = WeightMap(
     name="deepseek2",
     names=NAMES,
     hf_shapes=hf_shapes,
     hf_config=hf_config,
-    stacks=STACKS,
-    transforms=TRANSFORMS,
-    hf_ignore=_ignore_hf,
-    ours_ignore=_ignore_ours,
+    layouts=LAYOUTS,
+    hf_ignore=tied_head(r"lm_head\.weight", False,
+                        (r"model\.layers\.\d+\.self_attn\.rotary_emb\.(inv_freq|cos_cached|sin_cached)",)),
+    ours_ignore=tied_head(r"lm_head\.weight", False, MS_TRAINING_STATE),
     shape_notes=SHAPE_NOTES,
     summary_keys=("hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
                   "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
@@ -204,3 +202,81 @@ WEIGHT_MAP = WeightMap(
                   "tie_word_embeddings"),
     model_types=("deepseek_v2",),
 )
+
+# ------------------------------------------------------------------------------- upstream MindFormers
+ROUTER = L + "feed_forward.routed_experts.router.dense.weight"
+EXPERTS = L + "feed_forward.routed_experts.ffn.{w}.weight"  # {w}: w1 / w2 / w3
+# our template -> upstream's, where they differ
+_UPSTREAM_NAMES = {L + "feed_forward.router.dense.weight": ROUTER,
+                   **{f"{L}feed_forward.ffn.{w}": EXPERTS.replace("{w}", w) for w in ("w1", "w2", "w3")}}
+B = L + "attention."
+# our whole tensor -> upstream v1.5.0's two split ones, with the per-head row counts of each (HF config keys)
+SPLITS = {
+    B + "l2q_proj.weight": ((B + "l2q_nope_proj.weight", B + "l2q_pe_proj.weight"),
+                            ("qk_nope_head_dim", "qk_rope_head_dim")),
+    B + "kv2l.weight": ((B + "kv2l_latent_kv.weight", B + "kv2l_k_pe.weight"), None),
+    B + "lkv2kv.weight": ((B + "lkv2kv_k_nope.weight", B + "lkv2kv_v.weight"), ("qk_nope_head_dim", "v_head_dim")),
+}
+
+
+def head_parts(first_key: str, second_key: str) -> Layout:
+    """Rows ``[part 0 of every head; part 1 of every head]`` (two split tensors concatenated) <-> ours,
+    head by head ``[part 0; part 1]``; the HF config keys give the two per-head row counts."""
+    def rows(n: int, cfg: dict) -> np.ndarray:
+        first, second = int(cfg[first_key]), int(cfg[second_key])
+        heads = n // (first + second)
+        head = np.arange(heads)[:, None]
+        return np.concatenate([head * first + np.arange(first), heads * first + head * second + np.arange(second)],
+                              axis=1).reshape(-1)
+    return Layout(rows=rows)
+
+
+def _upstream_shapes(cfg: dict, gmm: bool, split: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an upstream-converted checkpoint for this HF config dict, with its shape."""
+    heads = cfg["num_attention_heads"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in our_shapes(WEIGHT_MAP, cfg).items():
+        template, idx = split_name(name)
+        if split and template in SPLITS:
+            parts, per_head = SPLITS[template]
+            rows = [heads * cfg[k] for k in per_head] if per_head else [cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]]
+            shapes.update((fill(p, idx), (r,) + shape[1:]) for p, r in zip(parts, rows))
+            continue
+        if template in _UPSTREAM_NAMES:
+            name = fill(_UPSTREAM_NAMES[template], idx)
+        if gmm and template.startswith(L + "feed_forward.ffn."):
+            shape = (shape[0], shape[2], shape[1])
+        shapes[name] = shape
+    return shapes
+
+
+def _upstream_map(gmm: bool, split: bool) -> WeightMap:
+    names, layouts = {}, dict(LAYOUTS)
+    for ours in NAMES.values():
+        if split and ours in SPLITS:
+            parts, per_head = SPLITS[ours]
+            names.update((p, ours) for p in parts)  # concatenated, in this order
+            layouts.pop(ours, None)  # the split rope rows are in our order already; q_proj (not split) is not
+            if per_head:
+                layouts[ours] = head_parts(*per_head)
+        else:
+            names[_UPSTREAM_NAMES.get(ours, ours)] = ours
+    if gmm:
+        layouts.update({f"{L}feed_forward.ffn.{w}": Layout(axes=(0, 2, 1)) for w in ("w1", "w2", "w3")})
+    return upstream_map(
+        WEIGHT_MAP,
+        name="deepseek2_upstream" + ("_gmm" if gmm else "") + ("_mla_split" if split else ""),
+        names=names,
+        hf_shapes=lambda cfg: _upstream_shapes(cfg, gmm, split),
+        layouts=layouts,
+        shape_notes={ROUTER: "[n_routed_experts, hidden_size]",
+                     EXPERTS.replace("{w}", "w1"): "[n_routed_experts, moe_intermediate_size, hidden_size]"
+                                                      + (" transposed (gmm)" if gmm else ""),
+                     B + "l2q_proj.weight": SHAPE_NOTES[A + "q_b_proj.weight"],
+                     B + "kv2l.weight": SHAPE_NOTES[A + "kv_a_proj_with_mqa.weight"]},
+    )
+
+
+# (gmm, split) -> map
+UPSTREAM_VARIANTS = {(gmm, split): _upstream_map(gmm, split) for gmm in (False, True) for split in (False, True)}
+UPSTREAM_MAP = UPSTREAM_VARIANTS[(False, False)]

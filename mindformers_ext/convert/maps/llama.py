@@ -2,12 +2,19 @@
 
 Shapes are identical on both sides (Dense weights are [out, in]) and our RoPE uses HF's rotate_half
 layout, so every entry is a plain rename.
+
+:data:`UPSTREAM_MAP`: checkpoints written by upstream MindFormers (``research/deepseek1_5/convert_weight.py``
+of tags v1.3.2 - v1.5.0, or saved by MindFormers' Llama). Upstream's converter renamed HF's tensors
+exactly as we do (``model.tok_embeddings.embedding_weight``, ``model.layers.N.attention.wq.weight``, ...,
+``lm_head.weight``), and MindFormers' Llama keeps HF's rotate-half RoPE layout, so every tensor is a
+plain copy: that map is the identity on our names. It exists so that ``--upstream`` works the same way
+for all three families (and checks every shape).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from mindformers_ext.convert.weight_map import WeightMap
+from mindformers_ext.convert.weight_map import MS_TRAINING_STATE, WeightMap, our_shapes, tied_head, upstream_map
 
 L = "model.layers.{}."
 NAMES = {
@@ -87,28 +94,19 @@ def hf_config(config: Any) -> dict:
     raise TypeError(f"cannot read a Llama config from {type(config).__name__}")
 
 
-def _ignore_hf(cfg: dict) -> tuple[str, ...]:
-    # Old HF checkpoints (DeepSeek-Coder v1 among them) store the RoPE inverse frequencies.
-    patterns = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
-    if cfg.get("tie_word_embeddings", False):
-        patterns += (r"lm_head\.weight",)  # tied: the embedding is the head
-    return patterns
-
-
-def _ignore_ours(cfg: dict) -> tuple[str, ...]:
-    from mindformers_ext.convert.weight_map import MS_TRAINING_STATE  # pylint: disable=C0415
-    return MS_TRAINING_STATE + ((r"lm_head\.weight",) if cfg.get("tie_word_embeddings", False) else ())
-
-
 WEIGHT_MAP = WeightMap(
     name="llama",
     names=NAMES,
     hf_shapes=hf_shapes,
     hf_config=hf_config,
-    hf_ignore=_ignore_hf,
-    ours_ignore=_ignore_ours,
+    # Old HF checkpoints (DeepSeek-Coder v1 among them) store the RoPE inverse frequencies.
+    hf_ignore=tied_head(r"lm_head\.weight", False, (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)),
+    ours_ignore=tied_head(r"lm_head\.weight", False, MS_TRAINING_STATE),
     shape_notes=SHAPE_NOTES,
     summary_keys=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "vocab_size", "attention_bias", "mlp_bias", "tie_word_embeddings"),
     model_types=("llama",),
 )
+
+UPSTREAM_MAP = upstream_map(WEIGHT_MAP, names={ours: ours for ours in NAMES.values()},
+                            hf_shapes=lambda cfg: our_shapes(WEIGHT_MAP, cfg))

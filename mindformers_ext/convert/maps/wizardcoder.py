@@ -10,12 +10,35 @@ Every tensor keeps its HF layout (Linear weights are [out, in]) except the fused
 ``WEIGHT_MAP.select`` picks the variant from the config's ``multi_query``. The LM head is tied to
 ``wte`` in every released checkpoint: HF files then hold no ``lm_head.weight`` (one is ignored if
 present) and ours holds none either.
+
+:data:`UPSTREAM_MAP`: WizardCoder checkpoints written by upstream MindFormers (``research/wizardcoder/
+convert_weight.py`` of tag v1.5.0-beta2, or saved by its training) <-> ours.
+tag v1.5.0-beta2, or saved by its training) <-> ours.
+
+The "hf" side of this map is upstream's layout (its ``WizardCoderLMHeadModel``):
+
+* ``backbone.embedding.word_embedding.embedding_table`` / ``position_embedding.embedding_table``,
+  ``backbone.layernorm.gamma|beta`` (final norm), ``backbone.blocks.N.layernorm1|2.gamma|beta``;
+* the multi-query ``c_attn`` split into ``attention.dense1`` (q, n_embd rows), ``dense2`` (k) and
+  ``dense3`` (v, head_dim rows each), [out, in]; ours keeps q as ``q_attn`` and k, v joined as
+  ``kv_attn`` (2 * head_dim rows);
+* ``attention.projection``, ``output.mapping`` and ``output.projection`` (HF ``attn.c_proj``,
+  ``mlp.c_fc``, ``mlp.c_proj``) stored **transposed**, [in, out] (upstream's converter transposed every
+  ``c_proj`` / ``c_fc`` weight); ours are [out, in];
+* ``head.head_weight``: a copy of the tied word embedding that upstream's model never reads (its head
+  multiplies by the embedding table). It is skipped when the config ties the head (every released
+  WizardCoder) and becomes our ``lm_head.weight`` when it does not.
+
+Upstream only supported multi-query attention (its converter split ``c_attn`` at the 15B's q / k / v
+offsets), so this map has no multi-head variant.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from mindformers_ext.convert.weight_map import MS_TRAINING_STATE, ConcatRule, WeightMap
+from mindformers_ext.convert.tensors import ConversionError
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, fill, our_shapes, split_name,
+                                                tied_head, upstream_map)
 
 H = "transformer.h.{}."
 L = "model.layers.{}."
@@ -56,10 +79,9 @@ def _q_kv_rows(cfg: dict) -> list[int]:
     return [_embd(cfg), 2 * _head_dim(cfg)]
 
 
-MULTI_QUERY_CONCATS = tuple(
-    ConcatRule((f"{H}attn.c_attn.{kind}",), (f"{L}attention.q_attn.{kind}", f"{L}attention.kv_attn.{kind}"),
-               axis=0, sizes=_q_kv_rows)
-    for kind in ("weight", "bias"))
+MULTI_QUERY_NAMES = dict(COMMON)
+for _kind in ("weight", "bias"):  # split into two of ours
+    MULTI_QUERY_NAMES[f"{H}attn.c_attn.{_kind}"] = (f"{L}attention.q_attn.{_kind}", f"{L}attention.kv_attn.{_kind}")
 
 SHAPE_NOTES = {
     "transformer.wte.weight": "[vocab_size, n_embd]",
@@ -142,25 +164,16 @@ def _our_config(fields: dict):
     return cls(**{k: v for k, v in fields.items() if k not in ("type", "parallel_config")})
 
 
-def _ignore_hf(cfg: dict) -> tuple[str, ...]:
-    # attention-mask buffers some older exports carry
-    patterns = (r"transformer\.bias", r"transformer\.masked_bias", r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
-    if cfg.get("tie_word_embeddings", True):
-        patterns += (r"lm_head\.weight",)  # tied: the embedding is the head
-    return patterns
-
-
-def _ignore_ours(cfg: dict) -> tuple[str, ...]:
-    return MS_TRAINING_STATE + ((r"lm_head\.weight",) if cfg.get("tie_word_embeddings", True) else ())
-
-
-_COMMON = dict(hf_shapes=hf_shapes, hf_config=hf_config, hf_ignore=_ignore_hf, ours_ignore=_ignore_ours,
-               shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
+_COMMON = dict(hf_shapes=hf_shapes, hf_config=hf_config, shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
+               # attention-mask buffers some older exports carry
+               hf_ignore=tied_head(r"lm_head\.weight", True, (r"transformer\.bias", r"transformer\.masked_bias",
+                                                               r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")),
+               ours_ignore=tied_head(r"lm_head\.weight", True, MS_TRAINING_STATE),
                summary_keys=("n_embd", "n_layer", "n_head", "n_inner", "n_positions", "vocab_size", "multi_query",
                              "tie_word_embeddings"))
 
 MULTI_HEAD_MAP = WeightMap(name="wizardcoder", names=MULTI_HEAD_NAMES, **_COMMON)
-MULTI_QUERY_MAP = WeightMap(name="wizardcoder", names=COMMON, concats=MULTI_QUERY_CONCATS, **_COMMON)
+MULTI_QUERY_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, split_rows=_q_kv_rows, **_COMMON)
 
 
 def select(cfg: dict) -> WeightMap:
@@ -168,4 +181,61 @@ def select(cfg: dict) -> WeightMap:
     return MULTI_QUERY_MAP if cfg.get("multi_query", True) else MULTI_HEAD_MAP
 
 
-WEIGHT_MAP = WeightMap(name="wizardcoder", names=COMMON, concats=MULTI_QUERY_CONCATS, select=select, **_COMMON)
+WEIGHT_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, split_rows=_q_kv_rows, select=select, **_COMMON)
+
+# ------------------------------------------------------------------------------- upstream MindFormers
+B = "backbone.blocks.{}."
+# upstream template -> our template
+UPSTREAM_NAMES = {
+    "backbone.embedding.word_embedding.embedding_table": "model.tok_embeddings.embedding_weight",
+    "backbone.embedding.position_embedding.embedding_table": "model.position_embeddings.embedding_weight",
+    "backbone.layernorm.gamma": "model.norm_out.weight",
+    "backbone.layernorm.beta": "model.norm_out.bias",
+    "head.head_weight": "lm_head.weight",
+}
+for _ln, _ours in (("layernorm1", "attention_norm"), ("layernorm2", "ffn_norm")):
+    UPSTREAM_NAMES[f"{B}{_ln}.gamma"] = f"{L}{_ours}.weight"
+    UPSTREAM_NAMES[f"{B}{_ln}.beta"] = f"{L}{_ours}.bias"
+for _kind in ("weight", "bias"):
+    UPSTREAM_NAMES[f"{B}attention.dense1.{_kind}"] = f"{L}attention.q_attn.{_kind}"
+    UPSTREAM_NAMES[f"{B}attention.dense2.{_kind}"] = f"{L}attention.kv_attn.{_kind}"  # k and v: concatenated
+    UPSTREAM_NAMES[f"{B}attention.dense3.{_kind}"] = f"{L}attention.kv_attn.{_kind}"
+    UPSTREAM_NAMES[f"{B}attention.projection.{_kind}"] = f"{L}attention.c_proj.{_kind}"
+    UPSTREAM_NAMES[f"{B}output.mapping.{_kind}"] = f"{L}feed_forward.c_fc.{_kind}"
+    UPSTREAM_NAMES[f"{B}output.projection.{_kind}"] = f"{L}feed_forward.c_proj.{_kind}"
+TRANSPOSED = {f"{L}{name}.weight": Layout(axes=(1, 0))
+              for name in ("attention.c_proj", "feed_forward.c_fc", "feed_forward.c_proj")}
+
+UPSTREAM_SHAPE_NOTES = {
+    "backbone.embedding.word_embedding.embedding_table": "[vocab_size, n_embd]",
+    "backbone.embedding.position_embedding.embedding_table": "[n_positions, n_embd]",
+    B + "attention.dense1.weight": "[n_embd, n_embd]",
+    B + "attention.dense2.weight": "[head_dim, n_embd] (multi-query), head_dim = n_embd / n_head",
+    B + "attention.dense3.weight": "[head_dim, n_embd] (multi-query), head_dim = n_embd / n_head",
+    B + "attention.projection.weight": "[n_embd, n_embd] (stored [in, out])",
+    B + "output.mapping.weight": "[n_embd, n_inner] (stored [in, out])",
+    B + "output.projection.weight": "[n_inner, n_embd] (stored [in, out])",
+}
+
+
+def _upstream_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an upstream-converted WizardCoder checkpoint for this HF config dict."""
+    if not cfg.get("multi_query", True):
+        raise ConversionError("upstream MindFormers' WizardCoder checkpoints are multi-query only (its converter "
+                              "split c_attn into q / k / v of one head); the config says multi_query: False")
+    upstream = {ours: up for up, ours in UPSTREAM_NAMES.items()}
+    shapes = {}
+    for name, shape in our_shapes(MULTI_QUERY_MAP, cfg).items():
+        template, idx = split_name(name)
+        if template.startswith(L + "attention.kv_attn."):  # k, v: head_dim rows each
+            kind = template.rsplit(".", 1)[1]
+            for dense in ("dense2", "dense3"):
+                shapes[fill(f"{B}attention.{dense}.{kind}", idx)] = (shape[0] // 2,) + shape[1:]
+        else:
+            shapes[fill(upstream[template], idx)] = shape[::-1] if template in TRANSPOSED else shape
+    return shapes
+
+
+UPSTREAM_MAP = upstream_map(MULTI_QUERY_MAP, names=UPSTREAM_NAMES, hf_shapes=_upstream_shapes, layouts=TRANSPOSED,
+                            hf_ignore=tied_head(r"head\.head_weight", True, MS_TRAINING_STATE),
+                            shape_notes=UPSTREAM_SHAPE_NOTES)
