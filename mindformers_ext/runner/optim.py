@@ -2,15 +2,18 @@
 
 MindFormers' ``AdamW`` spells the update out in about fifteen element-wise operators per
 parameter; on CPU each one is a separate memory pass (no kernel fusion), which made the optimizer
-two thirds of a 168M-parameter training step. MindSpore's ``AdamWeightDecay`` operator (CPU, GPU
-and Ascend kernels) updates the weight and both moments in place in one pass, but has no bias
-correction. Folding the correction into its scalar inputs gives exactly MindFormers' / PyTorch's
-AdamW::
+two thirds of a 168M-parameter training step. MindSpore's ``Adam`` operator (``ApplyAdam``: CPU, GPU
+and Ascend kernels) updates the weight and both moments in place in one pass, with the bias
+correction of the step size; giving it ``eps_t`` and decaying the weight first gives exactly
+MindFormers' / PyTorch's AdamW::
 
-    lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t),  eps_t = eps * sqrt(1 - beta2^t),
-    decay_t = weight_decay * lr / lr_t
-    p <- p - lr_t * (m / (sqrt(v) + eps_t) + decay_t * p)
-       = p * (1 - lr * weight_decay) - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+    p <- p * (1 - lr * weight_decay)                        (decoupled decay, one in-place pass)
+    lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t),  eps_t = eps * sqrt(1 - beta2^t)
+    p <- p - lr_t * m / (sqrt(v) + eps_t)
+       = p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+On CPU that is 2.6x as fast as MindSpore's ``AdamWeightDecay`` operator with the correction folded
+into its scalars (38 vs 99 ms for 25M parameters on one thread), whose kernel is not vectorised.
 
 State (``adam_m.*``, ``adam_v.*``, ``global_step``) is MindFormers' AdamW's, so checkpoints and
 resume are interchangeable. float32 parameters only; with other parameter dtypes, or MindFormers'
@@ -32,14 +35,15 @@ _fused_adamw = ops.MultitypeFuncGraph("portable_fused_adamw")
 @_fused_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
                        "Tensor", "Tensor", "Bool")
 def _fused_update(opt, beta1, beta2, eps, step, lr, weight_decay, param, grad, exp_avg, exp_avg_sq, optim_filter):
-    """One parameter's AdamW step through the fused operator (bias correction folded in)."""
+    """One parameter's AdamW step: the decoupled decay, then the fused Adam operator (see the module
+    docstring); both write ``param`` in place, in this order (MindSpore orders side effects on one
+    parameter as written)."""
     if not optim_filter:
         return ops.cast(grad, param.dtype)
-    correction1 = 1.0 - ops.pow(beta1, step)
-    root2 = ops.sqrt(1.0 - ops.pow(beta2, step))
-    lr_t = lr * root2 / correction1
-    decay_t = weight_decay * correction1 / root2
-    return opt(param, exp_avg, exp_avg_sq, lr_t, beta1, beta2, eps * root2, decay_t, ops.cast(grad, ms.float32))
+    beta1_power, beta2_power = ops.pow(beta1, step), ops.pow(beta2, step)
+    ops.assign(param, param * (1.0 - lr * weight_decay))
+    return opt(param, exp_avg, exp_avg_sq, beta1_power, beta2_power, lr, beta1, beta2,
+               eps * ops.sqrt(1.0 - beta2_power), ops.cast(grad, ms.float32))
 
 
 @MindFormerRegister.register(MindFormerModuleType.OPTIMIZER)
@@ -50,7 +54,7 @@ class PortableAdamW(AdamW):
         super().__init__(params, learning_rate=learning_rate, betas=tuple(float(b) for b in betas), eps=float(eps),
                          weight_decay=float(weight_decay), swap=swap)
         self.fused = all(p.dtype == ms.float32 for p in self._parameters) and not swap
-        self.fused_op = ops.AdamWeightDecay()
+        self.fused_op = ops.Adam()
         self.beta1_scalar = ops.reshape(self.beta1, ())
         self.beta2_scalar = ops.reshape(self.beta2, ())
         self.eps_scalar = ops.reshape(self.eps, ())
