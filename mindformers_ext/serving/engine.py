@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from mindspore import Tensor
+from tokenizers import Tokenizer
 
 from mindformers_ext.cache import PagedKVCache, left_pad
 from mindformers_ext.generation.sampling import SamplingParams, draw, process_logits
@@ -94,7 +95,7 @@ def _text_decoder(tokenizer: Any) -> Callable[[list], str]:
     for a fast tokenizer that does not clean up spaces, its ``tokenizers`` backend straight away
     (MindFormers' ``decode`` converts the ids element by element first, about 3x the decode's cost)."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if type(backend).__name__ == "Tokenizer" and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -438,6 +438,7 @@ class RoutedExperts(ShardedCell):
         return out
 
     def _scale(self, scale, owner):
+        """W8A16 scales lined up with the blocks: all experts' (``owner`` None) or experts ``owner``'s."""
         return scale if owner is None else self.gather(scale, owner, 0)
 
     def _all_experts(self, x, routing):
@@ -466,20 +467,11 @@ class RoutedExperts(ShardedCell):
                 chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
                 return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
         flat = ops.reshape(indices, (n * k,))
-        w1 = self.cast(self.gather(self.w1, flat, 0), self.compute_dtype)  # (N*k, inter, hidden)
-        w3 = self.cast(self.gather(self.w3, flat, 0), self.compute_dtype)
-        w2 = self.cast(self.gather(self.w2, flat, 0), self.compute_dtype)  # (N*k, hidden, inter)
         xk = ops.reshape(ops.broadcast_to(ops.expand_dims(self.cast(x, self.compute_dtype), 1),
                                           (n, k, self.hidden_size)), (n * k, 1, self.hidden_size))
-        gate = self.gate_k(xk, w1)
-        up = self.up_k(xk, w3)
-        if self.quantized:
-            gate = self._scaled(gate, self.gather(self.w1_scale, flat, 0))  # (N*k, 1, inter)
-            up = self._scaled(up, self.gather(self.w3_scale, flat, 0))
-        act = gate * ops.sigmoid(gate) * up
-        out = self.down_k(act, w2)  # (N*k, 1, hidden)
-        if self.quantized:
-            out = self._scaled(out, self.gather(self.w2_scale, flat, 0))
+        # each (token, expert) pair a block of one row, with that expert's weights gathered for it
+        out = self._swiglu(xk, (self.gate_k, self.up_k, self.down_k), self.gather(self.w1, flat, 0),
+                           self.gather(self.w3, flat, 0), self.gather(self.w2, flat, 0), flat)  # (N*k, 1, hidden)
         out = out * self.cast(ops.reshape(weights, (n * k, 1, 1)), self.compute_dtype)
         return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
 
