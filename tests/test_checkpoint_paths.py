@@ -41,16 +41,6 @@ EXPORT = os.path.join(REPO, "research", "wizardcoder", "export_wizardcoder_inc.p
 WIZARD_CONVERT = os.path.join(REPO, "research", "wizardcoder", "convert_weight.py")
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """In-process entry points build MindFormers' context, which exports RUN_MODE and friends; keep them
-    out of the environment that later subprocess runs inherit."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _model_config(path, **changes):
     config = dict(MindFormerConfig(path).model.model_config)
     config.pop("type", None)

@@ -228,4 +228,5 @@ def test_register_path_auto_register_finds_deepseek2_model(tmp_path):
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env,
                          cwd=str(tmp_path))
-    assert run.returncode == 0 and run.stdout.strip().endswith("same"), run.stderr[-2000:]
+    # MindSpore may log after the script's last line (its allocator's configuration at exit)
+    assert run.returncode == 0 and "same" in run.stdout.splitlines(), run.stdout[-2000:] + run.stderr[-2000:]

@@ -23,6 +23,14 @@ def ensure_context(config: MindFormerConfig) -> None:
     import mindspore as ms
 
     set_output_path(os.path.abspath(config.get("output_dir") or "./output"))
+    # MindFormers' build_context exports RUN_MODE for predict and eval, and its Trainer skips the global
+    # batch size set-up when RUN_MODE is "predict", then fails at the first logged step: a value inherited
+    # from the environment (an inference script's export, an earlier predict in this process) must not
+    # decide how this run trains.
+    mode = config.get("run_mode")
+    if mode and os.environ.get("RUN_MODE", mode) != mode:
+        logger.warning("RUN_MODE=%s in the environment; this run's mode is %s", os.environ["RUN_MODE"], mode)
+        os.environ["RUN_MODE"] = mode
     if config.get("seed") is not None:  # Trainer sets it too; predict relies on this one
         ms.set_seed(int(config.seed))
     if Context.is_exists():
