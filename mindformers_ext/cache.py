@@ -138,18 +138,24 @@ class CachedTensor(nn.Cell):
 
 
 class CachedKV(nn.Cell):
-    """A layer's keys and values (two :class:`CachedTensor`): ``(updated entries, all keys, all values)``."""
+    """A layer's keys and values (two :class:`CachedTensor`): ``(updated entries, keys, values to attend
+    over)``. Without ``cache`` (training): ``((), k, v)``. With it, k and v are written at ``slot``;
+    ``decode`` attends over the whole cache, otherwise (prefill into an empty cache) over the new tokens."""
 
     def __init__(self, int8: bool = False) -> None:
         super().__init__()
         self.keys = CachedTensor(int8)
         self.values = CachedTensor(int8)
 
-    def construct(self, cache, k, v, slot):
+    def construct(self, cache, k, v, slot, decode):
+        if cache is None:
+            return (), k, v
         n = self.keys.size
         k_entries, k_all = self.keys(cache[:n], k, slot)
         v_entries, v_all = self.values(cache[n:], v, slot)
-        return k_entries + v_entries, k_all, v_all
+        if decode:
+            return k_entries + v_entries, k_all, v_all
+        return k_entries + v_entries, k, v
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple:

@@ -17,6 +17,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers_ext.cache import CacheSpec, CachedKV
 from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding,
                                     ms_dtype)
+from mindformers_ext.layers.block import PreNormDecoderLayer
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
@@ -72,20 +73,15 @@ class CausalSelfAttention(ShardedCell):
         over the new tokens only.
         """
         q, k, v = self._project(x, cos, sin)
-        if cache is None:
-            return self.wo(self.core(q, k, v, mask)), ()
-        entries, k_all, v_all = self.kv_cache(cache, k, v, slot)
-        if decode:
-            k, v = k_all, v_all
+        entries, k, v = self.kv_cache(cache, k, v, slot, decode)
         return self.wo(self.core(q, k, v, mask)), entries
 
 
-class LlamaDecoderLayer(ShardedCell):
-    """Pre-norm block: ``x + attention(norm(x))`` then ``x + mlp(norm(x))``."""
+class LlamaDecoderLayer(PreNormDecoderLayer):
+    """Pre-norm block of RMSNorm, rotary attention and SwiGLU."""
 
     def __init__(self, config: LlamaFamilyConfig, layer_id: int) -> None:
-        super().__init__()
-        self.layer_id = layer_id
+        super().__init__(layer_id)
         common = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                       init_std=config.initializer_range)
         norm = dict(eps=config.rms_norm_eps, compute_type=config.layernorm_compute_type,
@@ -98,18 +94,6 @@ class LlamaDecoderLayer(ShardedCell):
         self.ffn_norm = RMSNorm(config.hidden_size, **norm)
         self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias, **common)
 
-    def shard(self, dp: int, mp: int) -> None:
-        """Strategies for every sub-layer."""
-        self.attention_norm.shard(dp, mp)
-        self.attention.shard(dp, mp)
-        self.ffn_norm.shard(dp, mp)
-        self.feed_forward.shard(dp, mp)
-
-    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
-        """-> (output, this layer's updated cache or ()); see :class:`CausalSelfAttention`."""
-        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask, cache, slot, decode)
-        x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class LlamaModel(ShardedCell):
@@ -145,7 +129,7 @@ class LlamaModel(ShardedCell):
         cos, sin = self.rotary(position_ids)
         new_cache = ()
         for i in range(self.num_layers):
-            x, layer_cache = self.layers[i](x, cos, sin, mask, self.cache_spec.layer(cache, i), slot, decode)
+            x, layer_cache = self.layers[i](x, (cos, sin), mask, self.cache_spec.layer(cache, i), slot, decode)
             new_cache = new_cache + layer_cache
         return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
 

@@ -32,6 +32,7 @@ from mindformers.models.llama.llama_processor import LlamaProcessor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
+from mindformers_ext.layers.block import PreNormDecoderLayer
 from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
@@ -119,20 +120,16 @@ class GPTBigCodeAttention(ShardedCell):
         """x (B, S, hidden) -> (output (B, S, hidden), updated (k, v) cache or ()); the cache and mask
         conventions are the Llama family's (``research.deepseek1_5.deepseek1_5.CausalSelfAttention``)."""
         q, k, v = self._project(x)
-        if cache is None:
-            return self.c_proj(self.core(q, k, v, mask)), ()
-        entries, k_all, v_all = self.kv_cache(cache, k, v, slot)
-        if decode:
-            k, v = k_all, v_all
+        entries, k, v = self.kv_cache(cache, k, v, slot, decode)
         return self.c_proj(self.core(q, k, v, mask)), entries
 
 
-class GPTBigCodeDecoderLayer(ShardedCell):
-    """Pre-norm block: ``x + attention(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+class GPTBigCodeDecoderLayer(PreNormDecoderLayer):
+    """Pre-norm block of LayerNorm (HF's ``ln_1`` / ``ln_2``), attention and the GELU MLP; no rotary
+    embedding (its model passes ``rope=()``)."""
 
     def __init__(self, config: GPTBigCodeFamilyConfig, layer_id: int) -> None:
-        super().__init__()
-        self.layer_id = layer_id
+        super().__init__(layer_id)
         common = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                       init_std=config.initializer_range)
         norm = dict(eps=config.layer_norm_epsilon, compute_type=config.layernorm_compute_type,
@@ -146,17 +143,6 @@ class GPTBigCodeDecoderLayer(ShardedCell):
         self.feed_forward = GeluMLP(config.hidden_size, config.intermediate_size, config.gelu_approximate,
                                     True, **common)
 
-    def shard(self, dp: int, mp: int) -> None:
-        """Strategies for every sub-layer."""
-        self.attention_norm.shard(dp, mp)
-        self.attention.shard(dp, mp)
-        self.ffn_norm.shard(dp, mp)
-        self.feed_forward.shard(dp, mp)
-
-    def construct(self, x, mask, cache=None, slot=None, decode=False):
-        attn, cache = self.attention(self.attention_norm(x), mask, cache, slot, decode)
-        x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class GPTBigCodeModel(ShardedCell):
@@ -201,7 +187,7 @@ class GPTBigCodeModel(ShardedCell):
         x = self.embed(input_ids, position_ids)
         new_cache = ()
         for i in range(self.num_layers):
-            x, layer_cache = self.layers[i](x, mask, self.cache_spec.layer(cache, i), slot, decode)
+            x, layer_cache = self.layers[i](x, (), mask, self.cache_spec.layer(cache, i), slot, decode)
             new_cache = new_cache + layer_cache
         return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
 
