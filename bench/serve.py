@@ -20,6 +20,7 @@ Prints JSON lines:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -56,26 +57,26 @@ def _percentiles(values, *qs):
     return [round(float(np.quantile(arr, q)), 4) if arr.size else None for q in qs]
 
 
-def _stream(client, model, prompt, max_tokens, start_at=None):
+async def _stream(client, model, prompt, max_tokens, start_at=None):
     """(text, ttft, inter-token gaps, tokens, end time) of one streaming request sent at ``start_at``."""
     if start_at is not None:
-        time.sleep(max(0.0, start_at - time.monotonic()))
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     sent = time.monotonic()
     stamps, text = [], []
-    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                       extra_body={"ignore_eos": True}, temperature=0)
-    for chunk in stream:
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                             extra_body={"ignore_eos": True}, temperature=0)
+    async for chunk in stream:
         stamps.append(time.monotonic())
         text.append(chunk.choices[0].text)
     gaps = list(np.diff(stamps)) if len(stamps) > 1 else []
     return "".join(text), stamps[0] - sent, gaps, max_tokens, stamps[-1]
 
 
-def _concurrently(client, model, prompts, max_tokens, send_at) -> tuple:
-    """(results, seconds from the first send to the last token) of streams sent at the ``send_at`` times."""
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(_stream, client, model, prompt, max_tokens, t) for prompt, t in zip(prompts, send_at)]
-        results = [f.result() for f in futures]
+async def _concurrently(client, model, prompts, max_tokens, send_at) -> tuple:
+    """(results, seconds from the first send to the last token) of streams sent at the ``send_at`` times
+    (one event loop, as a load generator should: a thread per stream would time its own GIL contention)."""
+    results = await asyncio.gather(*(_stream(client, model, prompt, max_tokens, t)
+                                     for prompt, t in zip(prompts, send_at)))
     return results, max(r[4] for r in results) - min(send_at)
 
 
@@ -105,8 +106,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from openai import OpenAI  # pylint: disable=import-outside-toplevel
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -119,8 +118,7 @@ def main(argv=None) -> int:
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(server, base, log)
-            client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)
-            return _bench(args, client, server.pid, base)
+            return asyncio.run(_bench(args, f"{base}/v1", server.pid, base))
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -150,21 +148,24 @@ def _metric(base: str, name: str) -> float:
     raise KeyError(f"/metrics has no {name}")
 
 
-def _bench(args, client, pid: int, base: str) -> int:
-    name = client.models.list().data[0].id
+async def _bench(args, url: str, pid: int, base: str) -> int:
+    from openai import AsyncOpenAI, OpenAI  # pylint: disable=import-outside-toplevel
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    name = (await client.models.list()).data[0].id
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
-    _stream(client, name, prompts[0], 4)  # warm the HTTP path
+    await _stream(client, name, prompts[0], 4)  # warm the HTTP path
 
     start = time.monotonic()
-    alone = [_stream(client, name, prompt, args.max_tokens) for prompt in prompts]
+    alone = [await _stream(client, name, prompt, args.max_tokens) for prompt in prompts]
     one = _report("one_at_a_time", alone, time.monotonic() - start)
 
-    together = _concurrently(client, name, prompts, args.max_tokens, [time.monotonic() + 0.05] * len(prompts))
+    together = await _concurrently(client, name, prompts, args.max_tokens, [time.monotonic() + 0.05] * len(prompts))
     conc = _report("concurrent", together[0], together[1], max_num_seqs=args.max_num_seqs)
     rng = np.random.default_rng(args.seed)
     count = args.poisson_requests
     arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=count)) - 1.0 / args.rate
-    poisson = _concurrently(client, name, [prompts[i % len(prompts)] for i in range(count)], args.max_tokens,
+    poisson = await _concurrently(client, name, [prompts[i % len(prompts)] for i in range(count)], args.max_tokens,
                             list(arrivals))
     loaded = _report("poisson", poisson[0], poisson[1], rate=args.rate, max_num_seqs=args.max_num_seqs)
     texts = [a[0] for a in alone]
@@ -176,6 +177,7 @@ def _bench(args, client, pid: int, base: str) -> int:
                       "lost": args.requests + count - len(together[0]) - len(poisson[0])}), flush=True)
 
     if args.memory_requests:
+        client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
         rss = [round(_rss_mb(pid), 1)]
         half = args.memory_requests // 2
         for count in (half, args.memory_requests - half):  # RSS after each half: a leak keeps growing
