@@ -45,3 +45,29 @@ def test_pipeline_needs_layers_and_micro_batches():
         check_parallel(_model(pipeline_stage=4), 4)
     # 30 layers over 4 stages: MindFormers' even split (7 per stage) leaves the remainder to the last
     check_parallel(_model(pipeline_stage=4, micro_batch_num=4), 4)
+
+
+@pytest.mark.parametrize("family", ["deepseek-coder", "wizardcoder", "deepseek2"])
+def test_two_pipeline_stages_place_embeddings_layers_norm_and_head(family):
+    """pipeline_stage 2: the embeddings on stage 0, the first half of the layers on stage 0 and the rest on
+    stage 1, the final norm and the LM head on stage 1; WizardCoder's LM head is its token table, so that
+    parameter is read on both stages."""
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    from research.wizardcoder import WizardCoderConfig, WizardCoderForCausalLM
+
+    parallel = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}
+    if family == "deepseek-coder":
+        model = _model(pipeline_stage=2, micro_batch_num=2)
+    elif family == "wizardcoder":
+        model = build_skeleton(WizardCoderForCausalLM, WizardCoderConfig(parallel_config=parallel, batch_size=1))
+    else:
+        model = build_skeleton(DeepseekV2ForCausalLM, DeepseekV2Config(parallel_config=parallel, batch_size=1))
+    layers = model.model.layers
+    assert len(layers) % 2 == 0
+    assert [layer.pipeline_stage for layer in layers] == [0] * (len(layers) // 2) + [1] * (len(layers) // 2)
+    assert model.model.tok_embeddings.pipeline_stage == 0
+    assert getattr(model.model, "position_embeddings", model.model.tok_embeddings).pipeline_stage == 0
+    assert model.model.norm_out.pipeline_stage == 1 and model.lm_head.pipeline_stage == 1
+    if family == "wizardcoder":
+        assert model.lm_head.weight is model.model.tok_embeddings.embedding_weight
+        assert 1 in model.lm_head.weight._pipeline_stage_list  # pylint: disable=protected-access

@@ -15,7 +15,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers_ext.cache import MASK_VALUE
 from mindformers_ext.generation.decoding import DecodingMixin
 from mindformers_ext.layers.linear import Linear
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, vocab_emb_dp
 
 
 class CausalLMLoss(ShardedCell):
@@ -63,11 +63,14 @@ class CausalLMBase(DecodingMixin, PreTrainedModel):
     def __init__(self, config, model: nn.Cell) -> None:
         super().__init__(config, auto_prefix=True)
         self.model = model
-        dp, mp, _, _ = parallel_sizes(config.parallel_config)
+        dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, config.compute_dtype,
                               config.param_init_type, getattr(config, "initializer_range", 0.02))
+        pin_stages(pp, last=(self.lm_head,))
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.tok_embeddings.embedding_weight
+            if pp > 1:  # the first stage's table is also read by the last stage
+                self.lm_head.weight.add_pipeline_stage(pp - 1)
         if vocab_emb_dp(config.parallel_config):
             self.lm_head.shard_column(dp, 1)
         else:

@@ -74,6 +74,16 @@ def pipeline_layers(layer_class: Callable[..., nn.Cell], config: Any, shard_args
     return layers
 
 
+def pin_stages(stages: int, first: Sequence[nn.Cell] = (), last: Sequence[nn.Cell] = ()) -> None:
+    """With pipeline parallelism (``stages > 1``): ``first`` run on stage 0 (embeddings), ``last`` on the
+    last stage (final norm, LM head)."""
+    if stages > 1:
+        for cell in first:
+            cell.pipeline_stage = 0
+        for cell in last:
+            cell.pipeline_stage = stages - 1
+
+
 class ShardedCell(nn.Cell):
     """A Cell whose primitives' shard strategies are recorded for the static parallel check."""
 

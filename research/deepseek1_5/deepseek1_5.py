@@ -21,7 +21,7 @@ from mindformers_ext.layers.block import PreNormDecoderLayer
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
 from research.deepseek1_5.deepseek1_5_config import DeepSeekCoderConfig
 
 
@@ -117,9 +117,7 @@ class LlamaModel(ShardedCell):
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.layernorm_compute_type,
                                 config.param_init_type)
         self.norm_out.shard(dp, mp)
-        if pp > 1:
-            self.tok_embeddings.pipeline_stage = 0
-            self.norm_out.pipeline_stage = pp - 1
+        pin_stages(pp, first=(self.tok_embeddings,), last=(self.norm_out,))
 
     def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
         """-> (hidden, updated cache tuple or (), aux loss 0); ``cache`` is the flat tuple of
@@ -143,9 +141,6 @@ class LlamaFamilyForCausalLM(CausalLMBase):
     def __init__(self, config: LlamaFamilyConfig = None) -> None:
         config = config if config is not None else LlamaFamilyConfig()
         super().__init__(config, LlamaModel(config))
-        stages = parallel_sizes(config.parallel_config)[2]
-        if stages > 1:
-            self.lm_head.pipeline_stage = stages - 1
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

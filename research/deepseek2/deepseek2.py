@@ -80,7 +80,7 @@ from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, Rotar
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.parallel.check import ParallelCheckError
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 
 __all__ = ["MultiLatentAttention", "TopKRouter", "RoutedExperts", "DeepSeekMoE", "DeepseekV2Model",
@@ -619,9 +619,7 @@ class DeepseekV2Model(ShardedCell):
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.layernorm_compute_type,
                                 config.param_init_type)
         self.norm_out.shard(dp, mp)
-        if pp > 1:
-            self.tok_embeddings.pipeline_stage = 0
-            self.norm_out.pipeline_stage = pp - 1
+        pin_stages(pp, first=(self.tok_embeddings,), last=(self.norm_out,))
 
     def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
         """-> (hidden, updated cache tuple or (), summed MoE balance loss (training)); as
@@ -652,6 +650,3 @@ class DeepseekV2ForCausalLM(CausalLMBase):
         # MindFormers' Trainer may set ``config.moe_config`` after the config was built
         config.apply_moe_config(getattr(config, "moe_config", None))
         super().__init__(config, DeepseekV2Model(config))
-        stages = parallel_sizes(config.parallel_config)[2]
-        if stages > 1:
-            self.lm_head.pipeline_stage = stages - 1

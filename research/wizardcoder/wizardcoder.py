@@ -36,7 +36,7 @@ from mindformers_ext.layers.block import PreNormDecoderLayer
 from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
 from research.wizardcoder.wizardcoder_config import WizardCoderConfig
 
 __all__ = ["GPTBigCodeFamilyForCausalLM", "WizardCoderForCausalLM", "WizardCoderLMHeadModel", "WizardCoderProcessor"]
@@ -172,10 +172,7 @@ class GPTBigCodeModel(ShardedCell):
         self.norm_out = LayerNorm(config.hidden_size, config.layer_norm_epsilon, config.layernorm_compute_type,
                                   config.param_init_type)
         self.norm_out.shard(dp, mp)
-        if pp > 1:
-            self.tok_embeddings.pipeline_stage = 0
-            self.position_embeddings.pipeline_stage = 0
-            self.norm_out.pipeline_stage = pp - 1
+        pin_stages(pp, first=(self.tok_embeddings, self.position_embeddings), last=(self.norm_out,))
 
     def embed(self, input_ids, position_ids):
         """Token plus position embeddings, in the compute dtype."""
@@ -202,11 +199,6 @@ class GPTBigCodeFamilyForCausalLM(CausalLMBase):
     def __init__(self, config: GPTBigCodeFamilyConfig = None) -> None:
         config = config if config is not None else GPTBigCodeFamilyConfig()
         super().__init__(config, GPTBigCodeModel(config))
-        stages = parallel_sizes(config.parallel_config)[2]
-        if stages > 1:
-            self.lm_head.pipeline_stage = stages - 1
-            if config.tie_word_embeddings:  # the first stage's table is also read by the last stage
-                self.model.tok_embeddings.embedding_weight.add_pipeline_stage(stages - 1)
 
 
 __all__ = ["WizardCoderForCausalLM", "WizardCoderLMHeadModel", "WizardCoderProcessor"]
