@@ -16,8 +16,8 @@ import mindspore as ms
 from mindformers_ext.checkpoint import CheckpointError, model_parameters, select_checkpoint
 from mindformers_ext.checkpoint import load_checkpoint_into as plain_load
 from mindformers_ext.convert import ConversionError, read_ckpt_index
-from mindformers_ext.convert.upstream import (convert_upstream, detect_upstream, load_checkpoint_into,
-                                              upstream_candidate)
+from mindformers_ext.checkpoint import load_checkpoint_into  # falls back to the upstream layout
+from mindformers_ext.convert.upstream import convert_upstream, detect_upstream, upstream_candidate
 from mindformers_ext.hf_loader import build_from_hf_config, read_hf_config
 from deepseek2_reference import make_tiny_deepseek2, one_torch_thread
 from upstream_util import (deepseek2_mla_split, deepseek2_upstream_tensors, llama_upstream_tensors,

@@ -27,7 +27,7 @@ UPSTREAM_HELP = ("\n--upstream / --from_upstream: the input is a checkpoint writ
 if __name__ == "__main__":
     ARGV = sys.argv[1:]
     if any(flag in ARGV for flag in UPSTREAM_FLAGS):
-        from mindformers_ext.convert.upstream import main as upstream_main
+        from mindformers_ext.convert.cli import upstream_main
         sys.exit(upstream_main(ARGV, prog="tools/convert_weight.py --upstream"))
     if "-h" in ARGV or "--help" in ARGV:
         try:

@@ -1,13 +1,11 @@
 """MindSpore ``.ckpt`` files, streamed: written Value by Value, read by walking the protobuf.
 
-The file is a serialised ``Checkpoint { repeated Value value = 1; }`` (mindspore/train/checkpoint.proto,
-proto2) with ``Value { required string tag = 1; optional TensorProto tensor = 2; optional MapTensorProto
-maptensor = 3; }`` and ``TensorProto { repeated int64 dims = 1; required string tensor_type = 2;
-required bytes tensor_content = 3; }``. A repeated field serialises as consecutive tagged,
-length-prefixed records, so a file can be appended to one Value at a time. MindSpore splits tensors over
-512 MiB into several consecutive Values with the same tag and the full dims, which its loader joins;
-this module does both. ``save_checkpoint(crc_check=True)`` appends ``b"crc_num"`` + 10 bytes, skipped
-here like MindSpore's loader does.
+The file is a serialised ``Checkpoint { repeated Value value = 1; }`` (mindspore/train/checkpoint.proto) with
+``Value { string tag = 1; TensorProto tensor = 2; MapTensorProto maptensor = 3; }`` and ``TensorProto
+{ repeated int64 dims = 1; string tensor_type = 2; bytes tensor_content = 3; }``. A repeated field is a run
+of tagged, length-prefixed records, so a file can be appended to one Value at a time. MindSpore splits
+tensors over 512 MiB into consecutive Values with the same tag and the full dims, which its loader joins;
+so do we. ``save_checkpoint(crc_check=True)`` appends ``b"crc_num"`` + 10 bytes, skipped like MindSpore does.
 """
 from __future__ import annotations
 
@@ -17,33 +15,28 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mindformers_ext.convert.tensors import (CKPT_TYPES, FROM_CKPT_TYPES, ConversionError, TensorEntry, TensorInfo,
-                                             file_entry, itemsize)
+from mindformers_ext.convert.tensors import STORAGE, ConversionError, TensorEntry, TensorInfo, file_entry
 
 SLICE_BYTES = 512 * 1024 * 1024  # mindspore.train.serialization: SLICE_SIZE (KB) * 1024
 _CRC_TRAILER = 17  # b"crc_num" + 10-byte big-endian crc
+# code <-> TensorProto.tensor_type (mindspore/train/serialization.py tensor_to_ms_type)
+CKPT_TYPES = {"F64": "Float64", "F32": "Float32", "F16": "Float16", "BF16": "BFloat16", "I64": "Int64",
+              "I32": "Int32", "I16": "Int16", "I8": "Int8", "U64": "UInt64", "U32": "UInt32", "U16": "UInt16",
+              "U8": "UInt8", "BOOL": "Bool"}
+FROM_CKPT_TYPES = {v: k for k, v in CKPT_TYPES.items()}
 
 
-# ------------------------------------------------------------------------------------------- protobuf
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negatives
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return bytes(out + bytes([value]))
 
 
 def _len_field(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
 class _Corrupt(Exception):
@@ -71,40 +64,35 @@ def _fields(buf, pos: int, end: int):
         if wire == 0:
             value, pos = _read_varint(buf, pos, end)
             yield field, wire, value, 0
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos, end)
-            if pos + length > end:
-                raise _Corrupt(f"field {field} at offset {pos} claims {length} bytes, only {end - pos} remain")
-            yield field, wire, pos, length
-            pos += length
+            continue
+        if wire == 2:
+            size, pos = _read_varint(buf, pos, end)
+            if pos + size > end:
+                raise _Corrupt(f"field {field} at offset {pos} claims {size} bytes, only {end - pos} remain")
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
             if pos + size > end:
                 raise _Corrupt(f"field {field} at offset {pos} runs past its message")
-            yield field, wire, pos, size
-            pos += size
         else:
             raise _Corrupt(f"unsupported wire type {wire} (field {field}) at offset {pos}")
+        yield field, wire, pos, size
+        pos += size
 
 
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-# -------------------------------------------------------------------------------------------- reading
 def read_ckpt_index(path: str) -> list[TensorEntry]:
-    """Walk ``path`` and return its tensors in file order, without reading their data.
-
-    Consecutive Values with the same tag are one tensor in several slices; ``str`` entries (metadata
-    MindSpore can append) come back with dtype ``"STR"`` and no reader.
-    """
+    """``path``'s tensors in file order, data unread. Consecutive Values with one tag are one tensor in
+    slices; ``str`` entries (metadata MindSpore can append) come back with dtype ``"STR"`` and no reader."""
     try:
         size = os.path.getsize(path)
         if size == 0:
             raise ConversionError(f"{path}: empty file, not a MindSpore checkpoint")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            end = size - _CRC_TRAILER if size >= _CRC_TRAILER and mm[size - 17:size - 10] == b"crc_num" else size
-            records = _walk(mm, end, path)
+            crc = size >= _CRC_TRAILER and mm[size - 17:size - 10] == b"crc_num"
+            records = _walk(mm, size - _CRC_TRAILER if crc else size, path)
     except OSError as exc:
         raise ConversionError(f"{path}: cannot read: {exc}") from exc
     entries = []
@@ -120,10 +108,9 @@ def read_ckpt_index(path: str) -> list[TensorEntry]:
         if ttype not in FROM_CKPT_TYPES:
             raise ConversionError(f"{where}: unsupported tensor_type {ttype!r} "
                                   f"(supported: {sorted(FROM_CKPT_TYPES)})")
-        dtype = FROM_CKPT_TYPES[ttype]
+        dtype, shape = FROM_CKPT_TYPES[ttype], tuple(dims)
         stored = sum(length for _, length in parts)
-        shape = tuple(dims)
-        if shape == (0,) and stored == itemsize(dtype):  # MindSpore's loader reads dims [0] as a scalar
+        if shape == (0,) and stored == STORAGE[dtype].itemsize:  # MindSpore's loader reads dims [0] as a scalar
             shape = ()
         if any(d < 0 for d in shape):
             raise ConversionError(f"{where}: negative dims {list(dims)}: corrupt checkpoint")
@@ -173,8 +160,7 @@ def _walk(mm, end: int, path: str) -> list[tuple[str, str, list[int], list[tuple
 
 
 def _parse_value(mm, pos: int, end: int):
-    tag = None
-    tensor = None
+    tag = tensor = ttype = content = None
     for field, wire, start, length in _fields(mm, pos, end):
         if field == 1 and wire == 2:
             tag = bytes(mm[start:start + length]).decode("utf-8")
@@ -187,8 +173,6 @@ def _parse_value(mm, pos: int, end: int):
     if tensor is None:
         raise _Corrupt(f"tag {tag!r}: Value without a tensor")
     dims: list[int] = []
-    ttype = None
-    content = None
     for field, wire, start, length in _fields(mm, *tensor):
         if field == 1 and wire == 0:
             dims.append(_signed(start))
@@ -206,12 +190,9 @@ def _parse_value(mm, pos: int, end: int):
     return tag, ttype, dims, content
 
 
-# -------------------------------------------------------------------------------------------- writing
 class CkptWriter:
-    """Appends tensors to a MindSpore checkpoint, one Value (or 512 MiB slice) at a time.
-
-    The bytes match what ``mindspore.save_checkpoint`` writes for Parameters/Tensors.
-    """
+    """Appends tensors to a MindSpore checkpoint, one Value (or 512 MiB slice) at a time; the bytes match
+    what ``mindspore.save_checkpoint`` writes."""
 
     def __init__(self, fileobj: BinaryIO, slice_bytes: int = SLICE_BYTES):
         self._f = fileobj
@@ -226,12 +207,11 @@ class CkptWriter:
             raise ConversionError(f"tensor {name!r} written twice")
         self._names.add(name)
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        dims = b"".join(_key(1, 0) + _varint(int(d)) for d in array.shape)
-        ttype = _len_field(2, CKPT_TYPES[dtype].encode())
-        tag = _len_field(1, name.encode("utf-8"))
+        dims = b"".join(_varint(1 << 3) + _varint(int(d)) for d in array.shape)
+        ttype, tag = _len_field(2, CKPT_TYPES[dtype].encode()), _len_field(1, name.encode("utf-8"))
         for start in range(0, max(len(data), 1), self._slice):
             chunk = data[start:start + self._slice]
-            tensor_head = dims + ttype + _key(3, 2) + _varint(len(chunk))
-            value_head = tag + _key(2, 2) + _varint(len(tensor_head) + len(chunk)) + tensor_head
-            self._f.write(_key(1, 2) + _varint(len(value_head) + len(chunk)) + value_head)
+            tensor_head = dims + ttype + _varint(3 << 3 | 2) + _varint(len(chunk))
+            value_head = tag + _varint(2 << 3 | 2) + _varint(len(tensor_head) + len(chunk)) + tensor_head
+            self._f.write(_varint(1 << 3 | 2) + _varint(len(value_head) + len(chunk)) + value_head)
             self._f.write(chunk)

@@ -1,4 +1,5 @@
-"""``convert_weight.py`` command line: HF safetensors <-> MindSpore checkpoint, streaming.
+"""``convert_weight.py`` command lines: HF <-> MindSpore checkpoint (:func:`main`), the DeepSeek seeds' flags
+(:func:`seed_main`) and the migration of upstream MindFormers checkpoints (:func:`upstream_main`).
 
 Flags follow upstream MindFormers' ``convert_weight.py`` (``--model --input_path --output_path --dtype
 --reversed``); upstream's ``fp32/fp16/bf16`` dtype spellings are accepted too.
@@ -10,9 +11,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from mindformers_ext.convert.engine import ConversionInterrupted, ConversionResult, convert
-from mindformers_ext.convert.tensors import ConversionError
-from mindformers_ext.convert.weight_map import available_models
+from mindformers_ext.convert.engine import ConversionResult, convert
+from mindformers_ext.convert.tensors import ConversionError, normalize_dtype
+from mindformers_ext.convert.upstream import convert_upstream
+from mindformers_ext.convert.weight_map import BUILTIN_MAPS, available_models
+from mindformers_ext.interrupts import Interrupted
 from mindformers_ext.quant import QUANT_METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -49,8 +52,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def output_file(output_path: str, reverse: bool, default_name: str) -> str:
-    """Where a forward conversion writes: ``output_path``, or ``output_path/default_name`` when it is an
-    existing directory or ends with a path separator (the seeds write ``--mindspore_path ./ckpt/rank_0``)."""
+    """Where a forward conversion writes: ``output_path``, or ``output_path/default_name`` for a directory
+    (existing, or ending with a separator: the seeds write ``--mindspore_path ./ckpt/rank_0``)."""
     if reverse:
         return output_path
     if os.path.isdir(output_path) or output_path.endswith(("/", os.sep)):
@@ -77,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ConversionInterrupted as exc:
+    except Interrupted as exc:
         print(f"error: {exc}; the partial output was removed, {args.output_path} is unchanged", file=sys.stderr)
         return exc.code
     except OSError as exc:
@@ -94,10 +97,6 @@ def report(result: ConversionResult, verb: str) -> int:
     print(f"{verb} {result.tensors} tensors ({result.bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s -> "
           + ", ".join(result.files))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -139,3 +138,34 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
     forwarded += ["--reversed"] * args.reversed + ["--allow-pickle"] * args.allow_pickle
     forwarded += ["--overwrite"] * args.overwrite
     return main(forwarded, prog=prog, default_name=SEED_CKPT_NAME)
+
+
+def upstream_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``convert_weight.py --upstream``: migrate an upstream MindFormers checkpoint to our layout."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Migrate a checkpoint written by upstream MindFormers (v1.3.2 - v1.5.0 converters "
+                               "or training) to this project's layout.")
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(BUILTIN_MAPS))}")
+    parser.add_argument("--upstream", "--from_upstream", dest="upstream", action="store_true",
+                        help="the input is an upstream MindFormers checkpoint (required; selects this converter)")
+    parser.add_argument("--input_path", required=True, help="the upstream .ckpt (or .safetensors)")
+    parser.add_argument("--output_path", required=True, help="OURS.ckpt or OURS.safetensors, or a directory")
+    parser.add_argument("--config", default=None,
+                        help="the model's YAML (upstream's or ours) or HF config.json; default: the released size "
+                             "that the checkpoint's shapes fit")
+    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
+    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    output = output_file(args.output_path, False, f"{args.model}.ckpt")
+    try:
+        result = convert_upstream(args.input_path, output, args.model, args.config, normalize_dtype(args.dtype),
+                                  progress=not args.no_progress, overwrite=args.overwrite)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return report(result, "migrated")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

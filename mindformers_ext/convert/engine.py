@@ -1,10 +1,9 @@
 """The one streaming loop: check every name and shape from metadata, then read, map, cast and write tensor by tensor.
 
-A plan is computed before any tensor data is read, so a wrong name, a wrong shape or a missing tensor
-fails before a byte is written, and the output's full list of tensors (needed for a safetensors header)
-is known up front. Memory stays near the largest tensor (or the largest stacked / concatenated one):
-every source tensor is read into its own array, copied into its group's buffer when it has one, and
-released before the next one is read.
+The plan is made before any tensor data is read, so a wrong name, shape or missing tensor fails before a byte
+is written, and the output's tensor list (a safetensors header) is known up front. Memory stays near the
+largest (stacked / concatenated) tensor: each source tensor is read, copied into its group's buffer when it has
+one, and released before the next one is read.
 """
 from __future__ import annotations
 
@@ -15,21 +14,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
+from tqdm import tqdm
+
 import numpy as np
 
 from mindformers_ext.convert.outputs import FileSink, HFDirSink
 from mindformers_ext.convert.quantize import quantize_stream, quantized_outputs, quantized_scale_shapes
 from mindformers_ext.convert.sources import WeightSource, open_source
-from mindformers_ext.convert.tensors import STORAGE, ConversionError, TensorEntry, TensorInfo, is_float, normalize_dtype
+from mindformers_ext.convert.tensors import FLOATS, STORAGE, ConversionError, TensorEntry, TensorInfo, normalize_dtype
 from mindformers_ext.convert.weight_map import (Layout, WeightMap, check_map_config, get_weight_map, load_config,
                                                 moves, our_shapes, split_name, weight_map_for_model_type)
-from mindformers_ext.interrupts import Interrupted, raise_on_signals
+from mindformers_ext.interrupts import raise_on_signals
 
 
 @dataclass
 class Step:
-    """One move of the map towards ``to``: read ``sources``, join them (stack or concatenate along axis 0),
-    lay the result out, split it into ``outputs``."""
+    """Read ``sources``, join them (stack or concatenate along axis 0), lay the result out, split it into
+    ``outputs``."""
 
     to: str  # "ours" | "hf"
     sources: list[TensorEntry]
@@ -53,17 +54,10 @@ class Plan:
         return [o for step in self.steps for o in step.outputs]
 
 
-def expected_shapes(wmap: WeightMap, config: dict, side: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor name on ``side`` (``"hf"`` / ``"ours"``) that ``config`` implies, with its shape."""
-    wmap = wmap.for_config(config)
-    return dict(wmap.hf_shapes(config)) if side == "hf" else our_shapes(wmap, config)
-
-
 def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype: Optional[str] = None,
              config_origin: Any = None) -> Plan:
-    """Validate ``source`` against the map and config and plan its conversion towards ``to``.
-
-    ``config_origin`` (the config file, when there is one) names the config in error messages."""
+    """Validate ``source`` against the map and config and plan its conversion towards ``to`` (``"ours"`` /
+    ``"hf"``); ``config_origin`` (the config file, if any) names the config in error messages."""
     cfg = check_map_config(wmap, config)
     wmap = wmap.for_config(cfg)
     try:
@@ -107,12 +101,12 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
         raise ConversionError(f"{source.path}: {len(missing)} tensor(s) that the config ({summary}) requires are "
                               f"missing: {shown}")
     code = normalize_dtype(dtype)
-    if code and not is_float(code):
+    if code and code not in FLOATS:
         raise ConversionError(f"cannot convert tensors to {code}")
     steps = []
     for move in moves(wmap, cfg):
         src, dst = (move.hf, move.ours) if to == "ours" else (move.ours, move.hf)
-        dtypes = {code if code and is_float(by_name[n].dtype) else by_name[n].dtype for n in src}
+        dtypes = {code if code and by_name[n].dtype in FLOATS else by_name[n].dtype for n in src}
         if len(dtypes) != 1:
             raise ConversionError(f"{source.path}: the tensors combined into {dst[0]!r} have different dtypes "
                                   f"{sorted(dtypes)}")
@@ -125,10 +119,7 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
 
 
 def execute(plan: Plan) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """Read and convert the plan's tensors, yielding ``(info, array)`` in ``plan.outputs`` order.
-
-    The caller should drop each array before asking for the next, so at most one is alive.
-    """
+    """``(info, array)`` in ``plan.outputs`` order; drop each array before asking for the next."""
     for step in plan.steps:
         whole = _join(step)
         if step.layout is not None:
@@ -150,7 +141,6 @@ def execute(plan: Plan) -> Iterator[tuple[TensorInfo, np.ndarray]]:
 
 
 def _join(step: Step) -> np.ndarray:
-    """The step's one source, or its sources stacked (experts, towards ours) or concatenated along axis 0."""
     if len(step.sources) == 1:
         return step.sources[0].read(step.dtype)
     stack = step.stack and step.to == "ours"
@@ -173,7 +163,6 @@ def _checked(info: TensorInfo, array: np.ndarray) -> tuple[TensorInfo, np.ndarra
 
 @dataclass
 class ConversionResult:
-    """What a conversion wrote."""
 
     files: list[str]
     tensors: int
@@ -195,23 +184,15 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
             overwrite: bool = True, quant: Optional[str] = None) -> ConversionResult:
     """Convert a checkpoint between HF and our (MindSpore) names, streaming tensor by tensor.
 
-    Forward (``reverse=False``): ``source`` is an HF checkpoint (model dir, safetensors file or index,
-    pickles only with ``allow_pickle``); ``target`` a ``.ckpt`` (or a ``.safetensors`` with our names).
-    ``config`` defaults to the HF directory's ``config.json``.
-    Reverse: ``source`` is our ``.ckpt`` (or safetensors with our names); ``target`` an HF model
-    directory, which gets ``config.json`` from ``config`` (required: an HF config.json path / dict, our
-    YAML, our config object).
-    ``dtype`` (``float32`` / ``float16`` / ``bfloat16``) converts every float tensor; ``None`` keeps them.
-    ``quant="w8a16"`` (forward only) writes the weights that W8A16 quantizes as int8 plus a float32
-    ``<name>_scale`` each, quantized from their values after ``dtype``
-    (:mod:`mindformers_ext.convert.quantize`).
+    Forward: ``source`` is an HF checkpoint (model dir, safetensors file or index, torch pickles), ``target`` a
+    ``.ckpt`` (or ``.safetensors`` with our names); ``config`` defaults to the HF directory's ``config.json``.
+    Reverse: ``source`` is ours, ``target`` an HF model directory, which gets ``config.json`` from ``config``
+    (required). ``dtype`` converts every float tensor (``None`` keeps them); ``quant="w8a16"`` (forward) writes
+    the weights W8A16 quantizes as int8 plus a float32 ``<name>_scale`` each.
 
-    Nothing is written unless the whole source validates: names, shapes against the config, no missing
-    tensor. The output appears atomically (temp file + rename); on any error, and on SIGTERM / SIGINT /
-    SIGHUP, the temporary output is removed (stale ones of killed runs go at the next run to the same
-    output). An output that would replace or delete one of the input's files is refused; an existing
-    output is replaced only with ``overwrite`` (the CLI's ``--overwrite``; the library default keeps
-    the old behaviour).
+    Nothing is written unless the whole source validates. The output appears atomically (temp + rename); on
+    any error or SIGTERM / SIGINT / SIGHUP the temporary output is removed. An output that would replace or
+    delete an input file is refused; an existing output is replaced only with ``overwrite``.
     """
     t0 = time.time()
     if quant and reverse:
@@ -237,7 +218,8 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
         stream = quantize_stream(stream, scales)
     total = sum(o.nbytes for o in outputs)
     sink = _make_sink(target, reverse, hf_cfg, outputs, max_shard_size)
-    bar = _progress(total, progress, os.path.basename(os.path.normpath(target)))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, disable=not progress,
+               desc=os.path.basename(os.path.normpath(target)))
     with raise_on_signals():
         try:
             sink.begin(outputs)
@@ -254,25 +236,16 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
     return ConversionResult(files, len(outputs), total, time.time() - t0, plan.skipped)
 
 
-ConversionInterrupted = Interrupted  # a conversion stopped by SIGTERM / SIGINT / SIGHUP (exit 128 + signal)
-
-
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
-
-
-def input_files(source: WeightSource, plan: Plan) -> set[str]:
-    """Every file the conversion reads (real paths): the source (index) and each tensor's file."""
-    files = {_real(source.path)} if os.path.isfile(source.path) else set()
-    files.update(_real(e.path) for step in plan.steps for e in step.sources if e.path)
-    return files
 
 
 def check_output(source: WeightSource, plan: Plan, target: str, reverse: bool, overwrite: bool) -> None:
     """Refuse an output that would replace or delete an input file, and an existing output unless
     ``overwrite``."""
     target = os.fspath(target)
-    inputs = input_files(source, plan)
+    inputs = {_real(source.path)} if os.path.isfile(source.path) else set()  # the source (index), each tensor's file
+    inputs.update(_real(e.path) for step in plan.steps for e in step.sources if e.path)
     real_target = _real(target)
     if real_target == _real(source.path) or real_target in inputs:
         raise ConversionError(f"{target}: the output is the input ({source.path}); converting would destroy "
@@ -314,35 +287,15 @@ def _make_sink(target: str, reverse: bool, hf_cfg: dict, outputs: list[TensorInf
                           "suffix) or .safetensors")
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------- HF weights straight into a model
 def iter_hf_weights(hf_dir: str, model: Union[str, WeightMap, None] = None, config: Any = None,
                     dtype: Optional[str] = "float32", allow_pickle: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(our_name, array)`` for every weight of the HF checkpoint at ``hf_dir``, one at a time.
+    """``(our_name, array)`` for every weight of the HF checkpoint at ``hf_dir``, one at a time, validated
+    as a whole first (the converter's errors).
 
-    ``model``: a map name (``'deepseek'``, ``'llama'``, ...) or ``None`` for the ``model_type`` in
-    ``config.json``. ``config``: an HF config dict / path, our config object or YAML; defaults to
-    ``hf_dir/config.json``. ``dtype``: float tensors are converted to it (float32 by default, so BF16
-    sources arrive as float32); ``None`` keeps the stored dtype. bfloat16 arrays use MindSpore's numpy
-    bfloat16 type (``mindspore.common.np_dtype.bfloat16``), so ``mindspore.Tensor(array)`` is bfloat16.
-
-    The whole checkpoint is validated (names, shapes against the config, nothing missing) before the
-    first tensor is yielded, with the same errors as the converter.
+    ``model``: a map name, or ``None`` for the config's ``model_type``. ``config`` defaults to
+    ``hf_dir/config.json``. Float tensors arrive as ``dtype`` (``None``: as stored); bfloat16 as MindSpore's
+    numpy bfloat16, so ``mindspore.Tensor(array)`` is bfloat16.
     """
     if config is None:
         config = find_hf_config(hf_dir)
@@ -364,13 +317,9 @@ def iter_hf_weights(hf_dir: str, model: Union[str, WeightMap, None] = None, conf
 
 
 def mindspore_arrays(plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) of an executed conversion plan, bfloat16 viewed as MindSpore's numpy bfloat16."""
-    bf16 = None
+    """``(name, array)`` of an executed plan, bfloat16 viewed as MindSpore's numpy bfloat16."""
+    from mindspore.common import np_dtype  # pylint: disable=import-outside-toplevel
+
     for info, array in execute(plan):
-        if info.dtype == "BF16":
-            if bf16 is None:
-                from mindspore.common import np_dtype  # pylint: disable=import-outside-toplevel
-                bf16 = np_dtype.bfloat16
-            array = array.view(bf16)
-        yield info.name, array
+        yield info.name, array.view(np_dtype.bfloat16) if info.dtype == "BF16" else array
         del array

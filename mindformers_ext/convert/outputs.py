@@ -1,11 +1,8 @@
 """Output writers that never leave a half-written result: temp file/dir in the same folder, then rename.
 
-Each sink gets the planned outputs up front (:meth:`begin`), tensors one at a time (:meth:`write`), and
-either :meth:`commit` (rename into place) or :meth:`abort` (delete the temporary output).
-
-Temporary outputs are named ``<output>.tmp-<pid>-<random>``. A process killed outright (kill -9, power
-loss) cannot remove its own; the next conversion to the same output removes every such temp whose
-process is gone (and ones of the older ``<output>.tmp-<random>`` form), never one a live process owns.
+Temporary outputs are named ``<output>.tmp-<pid>-<random>``. A process killed outright (kill -9, power loss)
+cannot remove its own; the next conversion to the same output removes every such temp whose process is gone
+(and ones of the older ``<output>.tmp-<random>`` form), never one a live process owns.
 """
 from __future__ import annotations
 
@@ -21,18 +18,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mindformers_ext.convert.ckpt_io import CkptWriter
-from mindformers_ext.convert.safetensors_io import (INDEX_NAME, SafetensorsWriter, check_array, parse_size,
-                                                    plan_shards, shard_names)
+from mindformers_ext.convert.safetensors_io import INDEX_NAME, SafetensorsWriter, check_array, parse_size, plan_shards
 from mindformers_ext.convert.tensors import ConversionError, TensorInfo
 from mindformers_ext.interrupts import pid_alive
 
-
 _TEMP_RE = re.compile(r"\.tmp-(?:(?P<pid>\d+)-)?[0-9A-Za-z_]{6,16}")
-
-
-def temp_prefix(path: str) -> str:
-    """``<path>.tmp-<pid>-``: the start of this process's temporary outputs for ``path``."""
-    return f"{path}.tmp-{os.getpid()}-"
 
 
 def stale_temps(path: str) -> list[str]:
@@ -40,17 +30,12 @@ def stale_temps(path: str) -> list[str]:
     found = []
     for candidate in glob.glob(glob.escape(path) + ".tmp-*"):
         match = _TEMP_RE.fullmatch(candidate[len(path):])
-        if not match:
-            continue
-        pid = match.group("pid")
-        if pid is None or not pid_alive(int(pid)):
+        if match and (match.group("pid") is None or not pid_alive(int(match.group("pid")))):
             found.append(candidate)
     return sorted(found)
 
 
-def remove_stale_temps(path: str) -> list[str]:
-    """Delete :func:`stale_temps` of ``path``; returns what was removed."""
-    removed = []
+def remove_stale_temps(path: str) -> None:
     for stale in stale_temps(path):
         try:
             if os.path.isdir(stale) and not os.path.islink(stale):
@@ -62,30 +47,21 @@ def remove_stale_temps(path: str) -> list[str]:
         except OSError as exc:
             raise ConversionError(f"{stale}: cannot remove this stale temporary output of an interrupted "
                                   f"conversion: {exc}") from exc
-        removed.append(stale)
-    return removed
-
-
-def _umask_mode(mode: int) -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
 
 
 class FileSink:
-    """One output file: a MindSpore ``.ckpt``, or a ``.safetensors`` (our names: MindSpore / MindFormers
-    load safetensors too), written as ``<path>.tmp-<pid>-<random>`` and renamed into place."""
+    """One output file: a MindSpore ``.ckpt`` or a ``.safetensors`` with our names (MindSpore loads both),
+    written as ``<path>.tmp-<pid>-<random>`` and renamed into place (:meth:`commit`) or removed (:meth:`abort`)."""
 
     def __init__(self, path: str, metadata: Optional[dict] = None):
         self.path = path
-        self.tmp = temp_prefix(path) + secrets.token_hex(4)
-        self.removed_stale: list[str] = []
+        self.tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.metadata = metadata
         self._f = None
         self._writer = None
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
-        self.removed_stale = remove_stale_temps(self.path)
+        remove_stale_temps(self.path)
         if self.path.endswith(".safetensors"):
             self._writer = SafetensorsWriter(self.tmp, outputs, self.metadata)
         else:
@@ -114,13 +90,10 @@ class FileSink:
 
 
 class HFDirSink:
-    """An HF model directory: ``model.safetensors`` or shards + ``model.safetensors.index.json``, and
-    ``config.json``.
-
-    Built in ``<dir>.tmp-XXXX`` beside the target. A new (or empty) target directory appears by one
-    rename; into an existing one (say, holding tokenizer files) the files are moved one by one, and weight
-    files of an earlier conversion that the new set does not overwrite are removed.
-    """
+    """An HF model directory: ``model.safetensors`` or shards + index, and ``config.json``, built in
+    ``<dir>.tmp-<pid>-XXXX`` beside the target. A new (or empty) target appears by one rename; into an existing
+    one (say, holding tokenizer files) the files are moved one by one, and weight files of an earlier
+    conversion that the new set does not overwrite are removed."""
 
     def __init__(self, path: str, config: Optional[dict] = None, max_shard_size="5GB"):
         self.path = os.path.abspath(path)
@@ -131,27 +104,24 @@ class HFDirSink:
         self.tmp = ""
         self._writers: dict[str, SafetensorsWriter] = {}
         self._shard_of: dict[str, str] = {}
-        self.removed_stale: list[str] = []
 
     def begin(self, outputs: Sequence[TensorInfo]) -> None:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
-        self.removed_stale = remove_stale_temps(self.path)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(temp_prefix(self.path)), dir=parent)
+        remove_stale_temps(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(self.path)}.tmp-{os.getpid()}-", dir=parent)
         shards = plan_shards(outputs, self.max_bytes)
-        names = shard_names(len(shards))
-        for shard, name in zip(shards, names):
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             self._writers[name] = SafetensorsWriter(os.path.join(self.tmp, name), shard, {"format": "pt"})
-            for info in shard:
-                self._shard_of[info.name] = name
+            self._shard_of.update((info.name, name) for info in shard)
+        files = {"config.json": self.config} if self.config is not None else {}
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": self._shard_of}
-            with open(os.path.join(self.tmp, INDEX_NAME), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-        if self.config is not None:
-            with open(os.path.join(self.tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config, f, indent=2, sort_keys=True)
+            files[INDEX_NAME] = {"metadata": {"total_size": sum(o.nbytes for o in outputs)},
+                                 "weight_map": self._shard_of}
+        for name, content in files.items():
+            with open(os.path.join(self.tmp, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, sort_keys=name == "config.json")
                 f.write("\n")
 
     def write(self, info: TensorInfo, array: np.ndarray) -> None:
@@ -161,7 +131,9 @@ class HFDirSink:
         for writer in self._writers.values():
             writer.close()
         new = sorted(os.listdir(self.tmp))
-        os.chmod(self.tmp, _umask_mode(0o777))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o777 & ~mask)
         if not os.path.exists(self.path) or not os.listdir(self.path):
             os.replace(self.tmp, self.path)
         else:

@@ -1,10 +1,8 @@
-"""``convert_weight.py --quant w8a16``: the conversion writes the weights W8A16 quantizes as int8 plus
-their float32 ``<name>_scale`` tensors (see :mod:`mindformers_ext.quant`), so the checkpoint loads
-into a W8A16 model without re-quantising.
+"""``convert_weight.py --quant w8a16``: the weights W8A16 quantizes are written as int8 plus their float32
+``<name>_scale``, so the checkpoint loads into a W8A16 model without re-quantising.
 
-Which weights are quantized is read off the model itself: the registered model class is built from
-the config as a weightless skeleton and :func:`mindformers_ext.quant.scale_shapes` names them (the
-same rule that load-time quantization applies), so both ways give the same tensors and values.
+Which weights are quantized is read off the model itself (a weightless skeleton built from the config, and
+:func:`mindformers_ext.quant.scale_shapes`), the rule load-time quantization applies, so both give the same.
 """
 from __future__ import annotations
 
@@ -62,8 +60,7 @@ def quantized_outputs(outputs: Iterable[TensorInfo], scales: dict) -> list[Tenso
 
 def quantize_stream(stream: Iterable[tuple[TensorInfo, np.ndarray]],
                     scales: dict) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """``(info, array)`` pairs of a conversion with the weights in ``scales`` replaced by their int8
-    values and float32 scales (:func:`mindformers_ext.quant.quantize_per_channel` on the float32 values)."""
+    """The conversion's ``(info, array)`` pairs with the weights in ``scales`` as int8 values and float32 scales."""
     from mindformers_ext.quant import quantize_per_channel  # pylint: disable=import-outside-toplevel
 
     for info, array in stream:

@@ -1,10 +1,9 @@
 """safetensors files, read and written against the format itself, one tensor at a time.
 
-Format: an 8-byte little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape",
-"data_offsets": [begin, end]}, "__metadata__": {str: str}}`` and then the raw little-endian data, with
-offsets relative to the end of the header. The reader validates what the reference implementation
-validates (offsets contiguous from 0, sizes equal to shape x dtype, data ending at the end of the file),
-so a truncated or corrupt file fails up front with the file and tensor named.
+Format: an 8-byte little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets":
+[begin, end]}, "__metadata__": {str: str}}``, then the raw little-endian data (offsets count from the header's
+end). The reader validates what the reference implementation does (offsets contiguous from 0, sizes equal to
+shape x dtype, data ending at the end of the file), so a truncated or corrupt file fails up front.
 """
 from __future__ import annotations
 
@@ -46,26 +45,19 @@ def read_safetensors_header(path: str) -> tuple[list[TensorEntry], dict[str, str
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise ConversionError(f"{path}: __metadata__ is not a JSON object: corrupt file")
-    data_start = 8 + n
-    spans = []
-    for name, desc in header.items():
-        spans.append((_check_entry(path, name, desc), name, desc))
-    spans.sort(key=lambda item: item[0])
-    entries = []
-    expect = 0
-    for (begin, end), name, desc in spans:
+    entries, expect = [], 0
+    for (begin, end), name, desc in sorted((_check_entry(path, k, v), k, v) for k, v in header.items()):
         if begin != expect:
             raise ConversionError(f"{path}: tensor {name!r} starts at data offset {begin}, expected {expect} "
                                   "(overlapping or missing data): corrupt file")
         expect = end
-        if data_start + end > size:
-            raise ConversionError(f"{path}: tensor {name!r} needs bytes up to {data_start + end} but the file "
+        if 8 + n + end > size:
+            raise ConversionError(f"{path}: tensor {name!r} needs bytes up to {8 + n + end} but the file "
                                   f"has {size}: the file is truncated")
-        dtype, shape = desc["dtype"], tuple(desc["shape"])
-        entries.append(file_entry(path, name, dtype, shape, [(data_start + begin, end - begin)]))
-    if data_start + expect != size:
-        what = "is truncated" if data_start + expect > size else "has trailing bytes after the last tensor"
-        raise ConversionError(f"{path}: the header describes {data_start + expect} bytes but the file has "
+        entries.append(file_entry(path, name, desc["dtype"], tuple(desc["shape"]), [(8 + n + begin, end - begin)]))
+    if 8 + n + expect != size:
+        what = "is truncated" if 8 + n + expect > size else "has trailing bytes after the last tensor"
+        raise ConversionError(f"{path}: the header describes {8 + n + expect} bytes but the file has "
                               f"{size}: the file {what}")
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
@@ -105,7 +97,6 @@ def read_index(index_path: str) -> dict[str, str]:
     return weight_map
 
 
-# ---------------------------------------------------------------------------------------------- writing
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -120,42 +111,38 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
 
 
-def encode_header(infos: Sequence[TensorInfo], metadata: Optional[Mapping[str, str]] = None) -> tuple[bytes, dict]:
-    """The 8-byte length + JSON header (padded to 8 bytes) for ``infos`` in order, and name -> data offset."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offsets = {}
-    pos = 0
-    for info in infos:
-        if info.name in offsets or info.name == "__metadata__":
-            raise ConversionError(f"tensor name {info.name!r} is duplicated or reserved")
-        offsets[info.name] = pos
-        header[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
-                             "data_offsets": [pos, pos + info.nbytes]}
-        pos += info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offsets
+def check_array(info: TensorInfo, array: np.ndarray, where: str) -> None:
+    """Fail unless ``array`` has ``info``'s shape and storage dtype."""
+    if tuple(array.shape) != tuple(info.shape) or array.dtype != STORAGE[info.dtype]:
+        raise ConversionError(f"{where}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
+                              f"planned {info.dtype}{list(info.shape)}")
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file whose header is fixed up front; tensors then arrive in any order.
-
-    Use as a context manager or call :meth:`close`, which checks that every tensor was written.
-    """
+    """One safetensors file whose header is fixed up front; tensors then arrive in any order. Use as a
+    context manager or call :meth:`close`, which checks that every tensor was written."""
 
     def __init__(self, path: str, infos: Sequence[TensorInfo], metadata: Optional[Mapping[str, str]] = None):
         self.path = path
         self._infos = {i.name: i for i in infos}
-        head, offsets = encode_header(infos, metadata)
-        self._data_start = len(head)
-        self._offsets = offsets
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self._offsets: dict[str, int] = {}
+        pos = 0
+        for info in infos:
+            if info.name in self._offsets or info.name == "__metadata__":
+                raise ConversionError(f"tensor name {info.name!r} is duplicated or reserved")
+            self._offsets[info.name] = pos
+            header[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
+                                 "data_offsets": [pos, pos + info.nbytes]}
+            pos += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-(8 + len(raw)) % 8)
+        self._data_start = 8 + len(raw)
         self._written: set[str] = set()
-        self._f = open(path, "xb")
-        self._f.write(head)
+        self._f = open(path, "xb")  # pylint: disable=consider-using-with
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, array: np.ndarray, dtype: Optional[str] = None) -> None:
+    def write(self, name: str, array: np.ndarray, dtype: Optional[str] = None) -> None:  # pylint: disable=W0613
         """Write ``array`` (storage dtype of the planned dtype, which ``dtype`` may repeat) as tensor ``name``."""
         info = self._infos.get(name)
         if info is None:
@@ -186,13 +173,6 @@ class SafetensorsWriter:
             self.abort()
 
 
-def check_array(info: TensorInfo, array: np.ndarray, where: str) -> None:
-    """Fail unless ``array`` has ``info``'s shape and storage dtype."""
-    if tuple(array.shape) != tuple(info.shape) or array.dtype != STORAGE[info.dtype]:
-        raise ConversionError(f"{where}: tensor {info.name!r} is {array.dtype}{list(array.shape)}, "
-                              f"planned {info.dtype}{list(info.shape)}")
-
-
 def plan_shards(infos: Iterable[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
     """Split ``infos`` (in order) into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
     shards: list[list[TensorInfo]] = [[]]
@@ -204,10 +184,3 @@ def plan_shards(infos: Iterable[TensorInfo], max_bytes: int) -> list[list[Tensor
         shards[-1].append(info)
         size += info.nbytes
     return shards
-
-
-def shard_names(count: int, stem: str = "model") -> list[str]:
-    """HF's shard file names: ``model.safetensors`` or ``model-00001-of-00003.safetensors``, ..."""
-    if count == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]

@@ -1,53 +1,31 @@
 """Checkpoints written by upstream MindFormers (tags v1.3.2 - v1.5.0): detect, migrate, or load on the fly.
 
-Upstream's converters and training wrote these layouts (see ``UPSTREAM_MAP`` in ``maps/*.py``):
-
-* DeepSeek-Coder (Llama): our names exactly; nothing to map;
-* DeepSeek-V2: MoE layers under ``feed_forward.routed_experts.{router.dense, ffn.w1/w2/w3}`` and the
-  rope rows of ``kv2l`` / ``l2q_proj`` / ``q_proj`` in HF's interleaved order (ours: rotate-half); also
-  with the experts transposed (``use_gmm``) or the attention split for its MLA (v1.5.0);
-* WizardCoder: ``backbone.blocks.N.layernorm1.gamma``, ``attention.dense1/2/3``, transposed
-  ``attention.projection`` / ``output.mapping`` / ``output.projection``, ``head.head_weight``.
-
-:func:`detect_upstream` tells the layout from tensor names (headers only). :func:`convert_upstream`
-migrates a file once (``tools/convert_weight.py --model deepseek2 --upstream --input_path UP.ckpt
---output_path OURS.ckpt``); :func:`load_upstream_into` maps one into a built network while loading,
-tensor by tensor, with the converter's checks (every name, every shape against the model's config).
-Optimizer state saved beside the weights is skipped; one rank's part of a model-parallel save is
-refused with how to merge the ranks first.
+Their layouts are the ``UPSTREAM_MAP`` s of ``maps/*.py``. :func:`detect_upstream` tells the layout from tensor
+names; :func:`convert_upstream` migrates a file once (``tools/convert_weight.py --upstream``);
+:func:`load_upstream_into` maps one into a built network while loading, with the converter's checks. Optimizer
+state saved beside the weights is skipped; one rank's part of a model-parallel save is refused with how to
+merge the ranks first.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from mindformers_ext.convert.engine import ConversionResult, convert, mindspore_arrays, plan_for
 from mindformers_ext.convert.sources import WeightSource, open_source
-from mindformers_ext.convert.tensors import ConversionError, TensorEntry, normalize_dtype
-from mindformers_ext.convert.weight_map import WeightMap, check_map_config, get_weight_map, load_config
+from mindformers_ext.convert.tensors import ConversionError, TensorEntry
+from mindformers_ext.convert.weight_map import (BUILTIN_MAPS, UPSTREAM_SUFFIX, WeightMap, check_map_config,
+                                                get_weight_map, load_config)
 
-__all__ = ["FAMILIES", "detect_upstream", "family_of_model", "upstream_weight_map", "resolve_config",
-           "convert_upstream", "plan_upstream", "upstream_candidate", "load_upstream_into", "load_checkpoint_into",
-           "main"]
-
-# --model names -> family
-FAMILIES = {
-    "deepseek2": "deepseek2", "deepseek_v2": "deepseek2",
-    "wizardcoder": "wizardcoder", "gpt_bigcode": "wizardcoder",
-    "deepseek": "llama", "deepseek1_5": "llama", "deepseek_coder": "llama", "llama": "llama",
-}
 _FAMILY_TITLE = {"deepseek2": "DeepSeek-V2", "wizardcoder": "WizardCoder", "llama": "DeepSeek-Coder (Llama)"}
 # what the on-the-fly mapping changes, for the log line
 _WHAT = {"deepseek2": "MoE names, rope-row order", "wizardcoder": "names, q/k/v split, transposed projections",
          "llama": "nothing (same names)"}
 _STATE_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
                    "exp_avg.", "exp_avg_sq.")
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # shipped YAMLs tried (in order) when no config is given: the released sizes of each family
 DEFAULT_CONFIGS = {
     "deepseek2": ("research/deepseek2/predict_deepseek2_236B.yaml", "research/deepseek2/predict_deepseek2_lite.yaml"),
@@ -62,9 +40,8 @@ def _model_names(names: Iterable[str]) -> list[str]:
 
 
 def detect_upstream(names: Iterable[str]) -> Optional[str]:
-    """``'deepseek2'`` / ``'wizardcoder'`` when ``names`` (a checkpoint's tensor names) are in upstream
-    MindFormers' layout of that family, else None (ours, HF's, or unknown). DeepSeek-Coder checkpoints
-    of upstream have our names and so are not told apart (they need no mapping)."""
+    """``'deepseek2'`` / ``'wizardcoder'`` when a checkpoint's tensor ``names`` are in upstream's layout of that
+    family, else None. Upstream's DeepSeek-Coder checkpoints have our names (they need no mapping)."""
     for name in _model_names(names):
         if name.startswith(("backbone.blocks.", "backbone.embedding.")) or name == "head.head_weight":
             return "wizardcoder"
@@ -74,7 +51,6 @@ def detect_upstream(names: Iterable[str]) -> Optional[str]:
 
 
 def family_of_model(network_or_config: Any) -> str:
-    """``'deepseek2'``, ``'wizardcoder'`` or ``'llama'`` for one of our networks or configs."""
     config = getattr(network_or_config, "config", network_or_config)
     if hasattr(config, "kv_lora_rank"):
         return "deepseek2"
@@ -84,19 +60,17 @@ def family_of_model(network_or_config: Any) -> str:
 
 
 def _family(model: str) -> str:
-    if model.endswith("_upstream"):
-        model = model[:-len("_upstream")]
-    if model not in FAMILIES:
-        raise ConversionError(f"--upstream: unknown --model {model!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[model]
+    model = model[:-len(UPSTREAM_SUFFIX)] if model.endswith(UPSTREAM_SUFFIX) else model
+    if model not in BUILTIN_MAPS:
+        raise ConversionError(f"--upstream: unknown --model {model!r}; expected one of {sorted(BUILTIN_MAPS)}")
+    return BUILTIN_MAPS[model]
 
 
 def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
                         hidden_size: Optional[int] = None) -> WeightMap:
-    """The upstream map of ``family``; for DeepSeek-V2 the variant for ``entries``: grouped-matmul when
-    the stacked experts are stored (E, hidden, inter) (``use_gmm``, told from the shapes), MLA-split when
-    the attention is stored as upstream v1.5.0's split tensors (``attention.l2q_nope_proj`` ...)."""
-    wmap = get_weight_map(family + "_upstream")
+    """The upstream map of ``family``; for DeepSeek-V2 the variant for ``entries``: grouped-matmul when the
+    stacked experts are stored (E, hidden, inter), MLA-split when the attention is v1.5.0's split tensors."""
+    wmap = get_weight_map(family + UPSTREAM_SUFFIX)
     if family != "deepseek2" or not entries:
         return wmap
     from mindformers_ext.convert.maps.deepseek2 import UPSTREAM_VARIANTS  # pylint: disable=C0415
@@ -116,28 +90,21 @@ def upstream_weight_map(family: str, entries: Sequence[TensorEntry] = (),
 
 
 def _config_value(config: Any, wmap: WeightMap) -> Any:
-    """A path (our or upstream's YAML, an HF config.json) -> its HF config dict; anything else as it is."""
     return load_config(config, wmap, upstream=True) if isinstance(config, (str, os.PathLike)) else config
 
 
 def _shapes_fit(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry]) -> Optional[str]:
     """None when the source's tensors fit ``config`` under ``wmap``, else why not."""
     try:
-        plan_for(_ListSource("probe", entries), wmap, config, "ours")
+        plan_for(WeightSource("probe", lambda: list(entries)), wmap, config, "ours")
     except (ConversionError, KeyError, TypeError, ValueError) as exc:
         return str(exc)
     return None
 
 
-class _ListSource(WeightSource):
-    def __init__(self, path: str, entries: Sequence[TensorEntry]):
-        super().__init__(path, "ckpt", lambda: list(entries))
-
-
 def resolve_config(family: str, wmap: WeightMap, entries: Sequence[TensorEntry], config: Any = None,
                    source: str = "") -> Any:
-    """The config to check shapes against: ``config`` (our or upstream's YAML, HF config.json / dict,
-    our config object), else the first of the family's shipped sizes whose shapes the checkpoint fits."""
+    """``config`` (a path or a config), else the first of the family's shipped sizes the checkpoint fits."""
     if config is not None:
         return _config_value(config, wmap)
     tried = []
@@ -178,7 +145,7 @@ def plan_upstream(source: WeightSource, family: str, config: Any = None, dtype: 
     wmap = upstream_weight_map(family, entries)
     cfg = resolve_config(family, wmap, entries, config, source.path)
     try:
-        return plan_for(_ListSource(source.path, entries), wmap, cfg, "ours", dtype), wmap, cfg
+        return plan_for(WeightSource(source.path, lambda: list(entries)), wmap, cfg, "ours", dtype), wmap, cfg
     except ConversionError as exc:
         hint = _shard_hint(wmap, cfg, entries, source.path)
         if hint:
@@ -187,7 +154,7 @@ def plan_upstream(source: WeightSource, family: str, config: Any = None, dtype: 
 
 
 def _shard_hint(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry], path: str) -> Optional[str]:
-    """Why a checkpoint whose tensors are the config's cut along one axis into the same number of parts
+    """Why a checkpoint whose tensors are the config's, each cut along one axis into the same number of parts,
     is one rank's part of a distributed save; None when its shapes differ otherwise."""
     try:
         hf_cfg = check_map_config(wmap, config)
@@ -222,9 +189,8 @@ def _example(family: str) -> str:
 
 def convert_upstream(input_path: str, output_path: str, model: str, config: Any = None, dtype: Optional[str] = None,
                      progress: bool = True, overwrite: bool = False) -> ConversionResult:
-    """Migrate an upstream MindFormers checkpoint of ``model`` (``deepseek2``, ``wizardcoder``,
-    ``deepseek``) to our layout at ``output_path`` (``.ckpt`` or ``.safetensors``; an existing one
-    only with ``overwrite``)."""
+    """Migrate an upstream MindFormers checkpoint of ``model`` to our layout at ``output_path`` (``.ckpt`` or
+    ``.safetensors``; an existing one only with ``overwrite``)."""
     family = _family(model)
     source = open_source(input_path)
     _, wmap, cfg = plan_upstream(source, family, config)
@@ -232,18 +198,9 @@ def convert_upstream(input_path: str, output_path: str, model: str, config: Any 
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _group_entries(files: Sequence[str]) -> tuple[WeightSource, list[TensorEntry]]:
-    entries: list[TensorEntry] = []
-    for file in files:
-        entries += open_source(file).entries()
-    names = ", ".join(os.path.basename(f) for f in files)
-    label = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])}/{{{names}}}"
-    return _ListSource(label, entries), entries
-
-
 def upstream_candidate(path: str, network: Any, rank_id: Optional[int] = None) -> Optional[list[str]]:
-    """The files of ``path`` (a checkpoint file or directory, as ``load_checkpoint`` takes it) that hold an
-    upstream MindFormers checkpoint of ``network``'s family, or None."""
+    """The files of ``path`` (as ``load_checkpoint`` takes it) that hold an upstream MindFormers checkpoint of
+    ``network``'s family, or None."""
     # pylint: disable=import-outside-toplevel
     from mindformers_ext.checkpoint import candidate_groups, checkpoint_index, current_rank
 
@@ -273,8 +230,8 @@ def _float_code(network: Any) -> str:
 
 
 def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str = "load_checkpoint") -> list[str]:
-    """Load the upstream MindFormers checkpoint ``files`` into ``network`` (one of ours), mapping names and
-    layouts tensor by tensor; every parameter must get a weight of its shape. Returns the files."""
+    """Load the upstream MindFormers checkpoint ``files`` into ``network`` (one of ours), mapped tensor by tensor;
+    every parameter must get a weight of its shape. Returns the files."""
     # pylint: disable=import-outside-toplevel
     from mindspore import Tensor
     from mindformers.tools.logger import logger
@@ -286,7 +243,10 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     params = {p.name: p for p in network.get_parameters()}
     code = _float_code(network)
     try:
-        source, _ = _group_entries(files)
+        entries = [e for file in files for e in open_source(file).entries()]
+        names = ", ".join(os.path.basename(f) for f in files)
+        label = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])}/{{{names}}}"
+        source = WeightSource(label, lambda: entries)
         plan, wmap, _ = plan_upstream(source, family, network.config, code)
     except ConversionError as exc:
         raise CheckpointError(f"{what}: {exc}") from exc
@@ -297,59 +257,10 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
                               f"does not fit {type(network).__name__}: {report.describe(len(params))}")
     logger.info("%s %s: upstream MindFormers %s checkpoint layout (%s): mapped to ours while loading; "
                 "tools/convert_weight.py --model %s --upstream migrates it once", what, source.path,
-                _FAMILY_TITLE[family], _WHAT[family], {"deepseek2": "deepseek2", "wizardcoder": "wizardcoder"}[family])
+                _FAMILY_TITLE[family], _WHAT[family], family)
     for name, array in mindspore_arrays(plan):
         param = params[name]
         param.set_data(Tensor(np.ascontiguousarray(array)).astype(param.dtype))
         del array
     logger.info("%s: loaded %d weights from %s (%s)", what, len(produced), source.path, wmap.name)
     return files
-
-
-def load_checkpoint_into(network: Any, path: str, rank_id: Optional[int] = None,
-                         what: str = "load_checkpoint") -> list[str]:
-    """:func:`mindformers_ext.checkpoint.load_checkpoint_into`, also accepting upstream MindFormers
-    checkpoints of the network's family (mapped while loading)."""
-    # pylint: disable=import-outside-toplevel
-    from mindformers_ext import checkpoint
-
-    try:
-        return checkpoint.load_checkpoint_into(network, path, rank_id, what)
-    except checkpoint.CheckpointError:
-        files = upstream_candidate(path, network, rank_id)
-        if files is None:
-            raise
-        return load_upstream_into(network, files, what)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Migrate a checkpoint written by upstream MindFormers (v1.3.2 - v1.5.0 converters "
-                               "or training) to this project's layout.")
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(FAMILIES))}")
-    parser.add_argument("--upstream", "--from_upstream", dest="upstream", action="store_true",
-                        help="the input is an upstream MindFormers checkpoint (required; selects this converter)")
-    parser.add_argument("--input_path", required=True, help="the upstream .ckpt (or .safetensors)")
-    parser.add_argument("--output_path", required=True, help="OURS.ckpt or OURS.safetensors, or a directory")
-    parser.add_argument("--config", default=None,
-                        help="the model's YAML (upstream's or ours) or HF config.json; default: the released size "
-                             "that the checkpoint's shapes fit")
-    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: keep)")
-    parser.add_argument("--no_progress", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    from mindformers_ext.convert.cli import output_file, report  # pylint: disable=import-outside-toplevel
-
-    args = build_parser(prog).parse_args(argv)
-    output = output_file(args.output_path, False, f"{args.model}.ckpt")
-    try:
-        result = convert_upstream(args.input_path, output, args.model, args.config, normalize_dtype(args.dtype),
-                                  progress=not args.no_progress, overwrite=args.overwrite)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return report(result, "migrated")

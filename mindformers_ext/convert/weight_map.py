@@ -1,19 +1,16 @@
-"""Weight maps as plain data: how the tensors of one model family correspond between HF and our names.
+"""Weight maps as plain data: how one model family's tensors correspond between HF and our names.
 
-A family's map is a dict of ``{}``-templated name pairs (litgpt's ``copy_weights_hf_llama`` style):
-``"model.layers.{}.self_attn.q_proj.weight" -> "model.layers.{}.attention.wq.weight"``; a name's all-digit
-path components fill the ``{}``s. The few entries that are more than a rename say so in the dict itself:
+A map is a dict of ``{}``-templated name pairs (litgpt's ``copy_weights_hf_llama`` style), e.g.
+``"model.layers.{}.self_attn.q_proj.weight" -> "model.layers.{}.attention.wq.weight"``; a name's all-digit path
+components fill the ``{}``s. The few entries that are more than a rename say so in the dict itself:
 
-* an HF template with one more ``{}`` than ours (e.g. MoE experts): the HF tensors are stacked along a
-  new axis 0 into one of ours, in index order;
-* several HF templates naming the same template of ours: concatenated along axis 0 in dict order;
+* an HF template with one more ``{}`` than ours (MoE experts): stacked along a new axis 0, in index order;
+* several HF templates naming one of ours: concatenated along axis 0 in dict order;
 * a tuple of our templates: the HF tensor is split along axis 0 into them (``WeightMap.split_rows``);
-* ``WeightMap.layouts``: our template -> :class:`Layout`, rows permuted and/or axes transposed.
+* ``WeightMap.layouts``: our template -> :class:`Layout` (rows permuted and/or axes transposed).
 
-:func:`moves` expands a map for one config into concrete :class:`Move` s (which HF tensors make which of
-ours); :mod:`mindformers_ext.convert.engine` runs them in either direction. HF shapes come from the
-map's ``hf_shapes(config)``; ours follow from the moves, so each shape is stated once. The "hf" side of
-the ``*_upstream`` maps is the layout of checkpoints written by upstream MindFormers.
+HF shapes come from the map's ``hf_shapes(config)``; ours follow from the moves, so each shape is stated once.
+The "hf" side of the ``*_upstream`` maps is the layout of checkpoints written by upstream MindFormers.
 """
 from __future__ import annotations
 
@@ -40,8 +37,7 @@ MS_TRAINING_STATE = (
 
 
 def tied_head(head: str, tied_default: bool, base: Sequence[str] = ()) -> Callable[[dict], tuple[str, ...]]:
-    """Ignore rules: ``base``, plus ``head`` (the LM head's name, a regex) when the config ties the head to
-    the word embedding (``tie_word_embeddings``, default ``tied_default``): then the embedding is the head."""
+    """Ignore rules: ``base``, plus ``head`` (a regex) when the config ties the LM head to the embedding."""
     def rules(cfg: dict) -> tuple[str, ...]:
         return tuple(base) + ((head,) if cfg.get("tie_word_embeddings", tied_default) else ())
     return rules
@@ -55,7 +51,6 @@ def split_name(name: str) -> tuple[str, tuple[int, ...]]:
 
 
 def fill(template: str, indices: Sequence[int]) -> str:
-    """Inverse of :func:`split_name`."""
     return template.format(*indices)
 
 
@@ -100,41 +95,24 @@ Ignore = Union[Sequence[str], Callable[[dict], Sequence[str]]]
 
 @dataclass(frozen=True)
 class WeightMap:
-    """One model family's weights, both directions.
+    """One model family's weights, both directions."""
 
-    Args:
-        name: the map's name (``--model``).
-        names: HF template -> our template (or a tuple of them: a split), see the module doc.
-        hf_shapes: HF config dict -> ``{hf_name: shape}`` of every tensor the config implies, in order.
-        hf_config: turns what users pass as a config (an HF config dict, our config object or our YAML's
-            ``model_config`` dict) into an HF config dict.
-        layouts: our template -> :class:`Layout`.
-        split_rows: HF config -> rows of each part of a split (the tuples in ``names``).
-        hf_ignore / ours_ignore: regexes (full match) of source names to skip, or a function of the HF
-            config returning them (e.g. a tied ``lm_head.weight``).
-        shape_notes: template (either side) -> how the config sets its shape, for error messages.
-        summary_keys: HF config keys quoted in error messages.
-        model_types: HF ``model_type`` values this map handles.
-        select: optional function of the HF config returning the map to use for that config, for a family
-            whose variants store one HF tensor differently (GPT-BigCode's fused ``c_attn``: multi-query or
-            not); ``None``: this map serves every config.
-    """
-
-    name: str
-    names: Mapping[str, Union[str, tuple[str, ...]]]
-    hf_shapes: Callable[[dict], dict[str, Shape]]
-    hf_config: Callable[[Any], dict]
-    layouts: Mapping[str, Layout] = field(default_factory=dict)
-    split_rows: Optional[Callable[[dict], Sequence[int]]] = None
-    hf_ignore: Ignore = ()
+    name: str  # --model
+    names: Mapping[str, Union[str, tuple[str, ...]]]  # HF template -> ours (a tuple: a split)
+    hf_shapes: Callable[[dict], dict[str, Shape]]  # HF config -> every HF tensor it implies, in order
+    hf_config: Callable[[Any], dict]  # an HF config dict from an HF dict, our config object or YAML dict
+    layouts: Mapping[str, Layout] = field(default_factory=dict)  # our template -> Layout
+    split_rows: Optional[Callable[[dict], Sequence[int]]] = None  # HF config -> rows of each part of a split
+    hf_ignore: Ignore = ()  # regexes (full match) of source names to skip, or a function of the HF config
     ours_ignore: Ignore = MS_TRAINING_STATE
-    shape_notes: Mapping[str, str] = field(default_factory=dict)
-    summary_keys: Sequence[str] = ()
-    model_types: Sequence[str] = ()
+    shape_notes: Mapping[str, str] = field(default_factory=dict)  # template -> how the config sets its shape
+    summary_keys: Sequence[str] = ()  # HF config keys quoted in error messages
+    model_types: Sequence[str] = ()  # HF model_type values this map handles
+    # HF config -> the variant for it, for a family whose variants store one HF tensor differently
+    # (GPT-BigCode's fused c_attn: multi-query or not); None: this map serves every config
     select: Optional[Callable[[dict], "WeightMap"]] = None
 
     def for_config(self, config: dict) -> "WeightMap":
-        """The map that converts checkpoints of ``config``: ``self`` unless ``select`` picks a variant."""
         if self.select is None:
             return self
         chosen = self.select(config)
@@ -143,13 +121,11 @@ class WeightMap:
         return chosen
 
     def templates(self, side: str) -> set[str]:
-        """Every template of ``side`` (``"hf"`` / ``"ours"``) that the map names."""
         if side == "hf":
             return set(self.names)
         return {t for v in self.names.values() for t in ((v,) if isinstance(v, str) else v)}
 
     def ignore_patterns(self, side: str, config: dict) -> Sequence[str]:
-        """Regexes of source names to skip on ``side`` (``"hf"`` or ``"ours"``)."""
         rules = self.hf_ignore if side == "hf" else self.ours_ignore
         return tuple(rules(config) if callable(rules) else rules)
 
@@ -163,17 +139,33 @@ class WeightMap:
         return self.shape_notes.get(hf[0], "") if hf else ""
 
     def summary(self, config: dict) -> str:
-        """``'hidden_size=64, num_hidden_layers=2, ...'`` for error messages."""
         return ", ".join(f"{k}={config[k]}" for k in self.summary_keys if k in config)
 
 
 def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
-    """The map of ``family``'s checkpoints written by upstream MindFormers, whose layout is its "hf" side:
-    ``fields`` (names, shapes, layouts, ...) replace the family's; the config reader, the summary and our
-    side's ignore rules stay (the latter also skip the training state upstream's Trainer saves)."""
+    """The map of ``family``'s checkpoints written by upstream MindFormers (its "hf" side): ``fields`` replace
+    the family's; the config reader, the summary and the training-state ignore rules stay."""
     base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, split_rows=None,
                 shape_notes={}, model_types=(), select=None)
     return dataclasses.replace(family, **{**base, **fields})
+
+
+def shapes_from_ours(family: WeightMap, names: Mapping[str, str], layouts: Mapping[str, Layout], config: dict,
+                     part_rows: Optional[Callable[[str, Shape, dict], Sequence[int]]] = None) -> dict[str, Shape]:
+    """The other side's shapes of a map whose ``names`` (other template -> ours) and ``layouts`` lead to
+    ``family``'s tensors of ours: axes transposed back, a tensor several are joined into cut into
+    ``part_rows(our_template, shape, config)`` rows."""
+    others: dict[str, list[str]] = {}
+    for other, ours in names.items():
+        others.setdefault(ours, []).append(other)
+    shapes: dict[str, Shape] = {}
+    for name, shape in our_shapes(family, config).items():
+        template, idx = split_name(name)
+        axes = layouts[template].axes if template in layouts else None
+        shape = tuple(shape[i] for i in np.argsort(axes)) if axes else shape
+        rows = part_rows(template, shape, config) if len(others[template]) > 1 else [shape[0]]
+        shapes.update((fill(other, idx), (r,) + shape[1:]) for other, r in zip(others[template], rows))
+    return shapes
 
 
 def moves(wmap: WeightMap, config: dict) -> list[Move]:
@@ -230,7 +222,7 @@ _REGISTERED: dict[str, WeightMap] = {}
 
 
 def register_weight_map(wmap: WeightMap, *names: str) -> WeightMap:
-    """Make ``wmap`` available as ``wmap.name`` and ``names`` (overrides a built-in of that name)."""
+    """Make ``wmap`` available as ``wmap.name`` and ``names`` (overrides a built-in)."""
     for name in (wmap.name, *names):
         _REGISTERED[name] = wmap
     for model_type in wmap.model_types:
@@ -276,9 +268,8 @@ def weight_map_for_model_type(model_type: str) -> WeightMap:
 
 # -------------------------------------------------------------------------------------------- configs
 def load_config(config: Any, wmap: WeightMap, upstream: bool = False) -> dict:
-    """An HF config dict for ``wmap`` from a path (HF ``config.json``, a directory holding one, or our
-    MindFormers YAML, whose ``model.model_config`` is used; with ``upstream`` also upstream's YAML), a dict,
-    or a config object."""
+    """An HF config dict for ``wmap`` from a path (HF ``config.json``, a directory holding one, our YAML; with
+    ``upstream`` also upstream's YAML), a dict, or a config object."""
     if not isinstance(config, (str, os.PathLike)):
         check_model_type(wmap, config, "the config")
         return check_map_config(wmap, config)
@@ -328,8 +319,7 @@ def check_map_config(wmap: WeightMap, config: Any) -> dict:
 
 
 def yaml_model_config(path: str, upstream: bool = False) -> dict:
-    """``model.model_config`` of our YAML; with ``upstream``, of ours or upstream MindFormers' (translated
-    to ours, ``moe_config`` folded in, loading-only keys dropped)."""
+    """``model.model_config`` of our YAML; with ``upstream``, also of upstream's (translated to ours)."""
     import yaml  # pylint: disable=import-outside-toplevel
     try:
         with open(path, encoding="utf-8") as f:

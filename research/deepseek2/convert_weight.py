@@ -105,7 +105,7 @@ def _rank_files(folder: str) -> List[str]:
 
 def _migrate(args: argparse.Namespace, passthrough: Sequence[str]) -> int:
     """--pre_ckpt_path: migrate upstream's checkpoint (or each rank's) to our layout."""
-    from mindformers_ext.convert.upstream import main as upstream_main  # pylint: disable=import-outside-toplevel
+    from mindformers_ext.convert.cli import upstream_main  # pylint: disable=import-outside-toplevel
 
     if args.torch_ckpt_path or args.input_path or args.output_path:
         return _fail("--pre_ckpt_path reads an upstream MindSpore checkpoint and writes --mindspore_ckpt_path; "

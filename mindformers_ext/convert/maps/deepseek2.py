@@ -1,40 +1,20 @@
-"""DeepSeek-V2 / V2-Lite: HF ``DeepseekV2ForCausalLM`` <-> our MindFormers-style names.
+"""DeepSeek-V2 / V2-Lite: HF ``DeepseekV2ForCausalLM`` <-> our names.
 
 Beyond renames:
 
-* routed experts: HF keeps one tensor per expert (``mlp.experts.{j}.gate_proj.weight`` ...); ours
-  stacks them per layer and projection (``feed_forward.ffn.w1`` of shape (E, inter, hidden), still
-  [out, in] per expert). The converter stacks one layer's experts at a time, so memory stays at one
-  stacked tensor;
-* RoPE rows: DeepSeek's checkpoints hold the rope part of each query head (``q_b_proj`` /
-  ``q_proj``) and the shared rope key (the last rows of ``kv_a_proj_with_mqa``) in the interleaved
-  (complex pair) layout; our :class:`ApplyRotary` is rotate-half, so those rows are permuted
-  ``[0, 2, 4, ..., 1, 3, 5, ...]`` on the way in and back on the way out (:func:`query_rope_rows`,
-  :func:`key_rope_rows`). That is exactly the permutation DeepSeek's own ``apply_rotary_pos_emb``
-  applies to q and k at run time.
+* routed experts: HF keeps one tensor per expert; ours stacks them per layer and projection
+  (``feed_forward.ffn.w1`` of shape (E, inter, hidden)), one layer's experts at a time;
+* RoPE rows: DeepSeek's checkpoints hold the rope part of each query head and the shared rope key (the last
+  rows of ``kv_a_proj_with_mqa``) in the interleaved layout; our :class:`ApplyRotary` is rotate-half, so those
+  rows are permuted ``[0, 2, 4, ..., 1, 3, 5, ...]`` on the way in and back on the way out, which is exactly
+  the permutation DeepSeek's own ``apply_rotary_pos_emb`` applies to q and k at run time.
 
-:data:`UPSTREAM_MAP` and its :data:`UPSTREAM_VARIANTS`: checkpoints written by upstream MindFormers
-(``research/deepseek2/convert_weight.py`` of tags v1.3.2 - v1.5.0, or saved by its training). Upstream
-renamed HF's tensors much as we do (the dense parts have our names), but
-
-* MoE layers live under ``feed_forward.routed_experts``: the router is
-  ``feed_forward.routed_experts.router.dense.weight`` (ours ``feed_forward.router.dense.weight``) and
-  the stacked experts ``feed_forward.routed_experts.ffn.w1.weight`` (E, inter, hidden) (ours
-  ``feed_forward.ffn.w1``, same shape); shared experts have our names;
-* the rope rows of ``attention.l2q_proj`` / ``attention.q_proj`` (each head's last
-  ``qk_rope_head_dim`` rows) and of ``attention.kv2l`` (its last rows) stay in HF's interleaved order;
-  ours are permuted to rotate-half, as from HF;
-* its converter stored norms and the router in float32, everything else in bfloat16 (dtypes are
-  kept here; loading casts to the model's dtype).
-
-The variants: ``gmm`` for MindFormers' grouped-matmul MoE layout (``use_gmm``): the stacked experts
-transposed to (E, in, out); ``split`` for checkpoints that upstream v1.5.0's converter split for its
-MLA (its positional flag with ``--pre_ckpt_path``): ``attention.l2q_proj`` as ``l2q_nope_proj`` (every
-head's nope rows) + ``l2q_pe_proj`` (every head's rope rows, already in our rotate-half order),
-``attention.kv2l`` as ``kv2l_latent_kv`` + ``kv2l_k_pe`` (rotate-half too) and ``attention.lkv2kv`` as
-``lkv2kv_k_nope`` + ``lkv2kv_v``; ``q_proj`` (V2-Lite) is not split and keeps HF's order.
-:func:`mindformers_ext.convert.upstream.upstream_weight_map` picks the variant from the checkpoint's
-names and shapes.
+:data:`UPSTREAM_VARIANTS`: checkpoints written by upstream MindFormers (v1.3.2 - v1.5.0). Its MoE layers live
+under ``feed_forward.routed_experts`` (``router.dense.weight``, stacked ``ffn.w1.weight``) and its rope rows
+stay in HF's order; variants: ``gmm`` (``use_gmm``: the stacked experts transposed to (E, in, out)) and
+``split`` (v1.5.0's MLA split: ``l2q_proj`` as ``l2q_nope_proj`` + ``l2q_pe_proj`` (rope rows already
+rotate-half), ``kv2l`` as ``kv2l_latent_kv`` + ``kv2l_k_pe``, ``lkv2kv`` as ``lkv2kv_k_nope`` + ``lkv2kv_v``).
+:func:`mindformers_ext.convert.upstream.upstream_weight_map` picks the variant from the checkpoint.
 """
 from __future__ import annotations
 
@@ -42,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, fill, our_shapes, split_name,
-                                                tied_head, upstream_map)
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, shapes_from_ours, tied_head,
+                                                upstream_map)
 
 L = "model.layers.{}."
 A = L + "self_attn."
@@ -231,23 +211,11 @@ def head_parts(first_key: str, second_key: str) -> Layout:
     return Layout(rows=rows)
 
 
-def _upstream_shapes(cfg: dict, gmm: bool, split: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an upstream-converted checkpoint for this HF config dict, with its shape."""
-    heads = cfg["num_attention_heads"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in our_shapes(WEIGHT_MAP, cfg).items():
-        template, idx = split_name(name)
-        if split and template in SPLITS:
-            parts, per_head = SPLITS[template]
-            rows = [heads * cfg[k] for k in per_head] if per_head else [cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]]
-            shapes.update((fill(p, idx), (r,) + shape[1:]) for p, r in zip(parts, rows))
-            continue
-        if template in _UPSTREAM_NAMES:
-            name = fill(_UPSTREAM_NAMES[template], idx)
-        if gmm and template.startswith(L + "feed_forward.ffn."):
-            shape = (shape[0], shape[2], shape[1])
-        shapes[name] = shape
-    return shapes
+def _split_rows(template: str, shape: tuple[int, ...], cfg: dict) -> list[int]:
+    per_head = SPLITS[template][1]
+    if per_head:
+        return [cfg["num_attention_heads"] * cfg[k] for k in per_head]
+    return [cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]]
 
 
 def _upstream_map(gmm: bool, split: bool) -> WeightMap:
@@ -267,7 +235,7 @@ def _upstream_map(gmm: bool, split: bool) -> WeightMap:
         WEIGHT_MAP,
         name="deepseek2_upstream" + ("_gmm" if gmm else "") + ("_mla_split" if split else ""),
         names=names,
-        hf_shapes=lambda cfg: _upstream_shapes(cfg, gmm, split),
+        hf_shapes=lambda cfg: shapes_from_ours(WEIGHT_MAP, names, layouts, cfg, _split_rows),
         layouts=layouts,
         shape_notes={ROUTER: "[n_routed_experts, hidden_size]",
                      EXPERTS.replace("{w}", "w1"): "[n_routed_experts, moe_intermediate_size, hidden_size]"

@@ -1,14 +1,9 @@
-"""Llama family (DeepSeek-Coder v1 / v1.5): HF ``LlamaForCausalLM`` <-> MindFormers-style names.
+"""Llama family (DeepSeek-Coder v1 / v1.5): HF ``LlamaForCausalLM`` <-> our names.
 
-Shapes are identical on both sides (Dense weights are [out, in]) and our RoPE uses HF's rotate_half
-layout, so every entry is a plain rename.
-
-:data:`UPSTREAM_MAP`: checkpoints written by upstream MindFormers (``research/deepseek1_5/convert_weight.py``
-of tags v1.3.2 - v1.5.0, or saved by MindFormers' Llama). Upstream's converter renamed HF's tensors
-exactly as we do (``model.tok_embeddings.embedding_weight``, ``model.layers.N.attention.wq.weight``, ...,
-``lm_head.weight``), and MindFormers' Llama keeps HF's rotate-half RoPE layout, so every tensor is a
-plain copy: that map is the identity on our names. It exists so that ``--upstream`` works the same way
-for all three families (and checks every shape).
+Shapes are identical on both sides (Dense weights are [out, in]) and our RoPE uses HF's rotate_half layout, so
+every entry is a plain rename. Upstream MindFormers' converter renamed HF's tensors exactly as we do, so
+:data:`UPSTREAM_MAP` is the identity on our names; it exists so that ``--upstream`` works (and checks every
+shape) the same way for all families.
 """
 from __future__ import annotations
 

@@ -1,44 +1,23 @@
 """GPT-BigCode family (WizardCoder, StarCoder, SantaCoder): HF ``GPTBigCodeForCausalLM`` <-> our names.
 
-Every tensor keeps its HF layout (Linear weights are [out, in]) except the fused attention projection
-``c_attn``, whose layout depends on ``multi_query`` (see ``research/wizardcoder/wizardcoder.py``):
+Every tensor keeps its HF layout except the fused attention projection ``c_attn``, whose layout depends on
+``multi_query`` (``WEIGHT_MAP.select`` picks the variant): multi-query rows ``[q (n_embd) | k | v (head_dim
+each)]`` are split into our ``q_attn`` and ``kv_attn``; multi-head rows (per head ``[q_h | k_h | v_h]``) stay
+fused as our ``c_attn``. The LM head is tied to ``wte`` in every released checkpoint, so neither side holds
+``lm_head.weight`` (an HF one is ignored).
 
-* multi-query: rows ``[q (n_embd) | k (head_dim) | v (head_dim)]`` are split into our ``q_attn``
-  (n_embd rows) and ``kv_attn`` (2 * head_dim rows), and joined back on the way to HF;
-* multi-head: rows are per head ``[q_h | k_h | v_h]``, kept fused as our ``c_attn`` (a rename).
-
-``WEIGHT_MAP.select`` picks the variant from the config's ``multi_query``. The LM head is tied to
-``wte`` in every released checkpoint: HF files then hold no ``lm_head.weight`` (one is ignored if
-present) and ours holds none either.
-
-:data:`UPSTREAM_MAP`: WizardCoder checkpoints written by upstream MindFormers (``research/wizardcoder/
-convert_weight.py`` of tag v1.5.0-beta2, or saved by its training) <-> ours.
-tag v1.5.0-beta2, or saved by its training) <-> ours.
-
-The "hf" side of this map is upstream's layout (its ``WizardCoderLMHeadModel``):
-
-* ``backbone.embedding.word_embedding.embedding_table`` / ``position_embedding.embedding_table``,
-  ``backbone.layernorm.gamma|beta`` (final norm), ``backbone.blocks.N.layernorm1|2.gamma|beta``;
-* the multi-query ``c_attn`` split into ``attention.dense1`` (q, n_embd rows), ``dense2`` (k) and
-  ``dense3`` (v, head_dim rows each), [out, in]; ours keeps q as ``q_attn`` and k, v joined as
-  ``kv_attn`` (2 * head_dim rows);
-* ``attention.projection``, ``output.mapping`` and ``output.projection`` (HF ``attn.c_proj``,
-  ``mlp.c_fc``, ``mlp.c_proj``) stored **transposed**, [in, out] (upstream's converter transposed every
-  ``c_proj`` / ``c_fc`` weight); ours are [out, in];
-* ``head.head_weight``: a copy of the tied word embedding that upstream's model never reads (its head
-  multiplies by the embedding table). It is skipped when the config ties the head (every released
-  WizardCoder) and becomes our ``lm_head.weight`` when it does not.
-
-Upstream only supported multi-query attention (its converter split ``c_attn`` at the 15B's q / k / v
-offsets), so this map has no multi-head variant.
+:data:`UPSTREAM_MAP`: checkpoints written by upstream MindFormers (v1.5.0-beta2): ``backbone.*`` names,
+``c_attn`` split into ``attention.dense1/2/3`` (q, k, v), ``attention.projection`` / ``output.mapping`` /
+``output.projection`` stored transposed ([in, out]), and ``head.head_weight``, a copy of the tied embedding
+(skipped when the config ties the head). Upstream supported multi-query attention only.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from mindformers_ext.convert.tensors import ConversionError
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, fill, our_shapes, split_name,
-                                                tied_head, upstream_map)
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, shapes_from_ours, tied_head,
+                                                upstream_map)
 
 H = "transformer.h.{}."
 L = "model.layers.{}."
@@ -219,21 +198,10 @@ UPSTREAM_SHAPE_NOTES = {
 
 
 def _upstream_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an upstream-converted WizardCoder checkpoint for this HF config dict."""
     if not cfg.get("multi_query", True):
         raise ConversionError("upstream MindFormers' WizardCoder checkpoints are multi-query only (its converter "
                               "split c_attn into q / k / v of one head); the config says multi_query: False")
-    upstream = {ours: up for up, ours in UPSTREAM_NAMES.items()}
-    shapes = {}
-    for name, shape in our_shapes(MULTI_QUERY_MAP, cfg).items():
-        template, idx = split_name(name)
-        if template.startswith(L + "attention.kv_attn."):  # k, v: head_dim rows each
-            kind = template.rsplit(".", 1)[1]
-            for dense in ("dense2", "dense3"):
-                shapes[fill(f"{B}attention.{dense}.{kind}", idx)] = (shape[0] // 2,) + shape[1:]
-        else:
-            shapes[fill(upstream[template], idx)] = shape[::-1] if template in TRANSPOSED else shape
-    return shapes
+    return shapes_from_ours(MULTI_QUERY_MAP, UPSTREAM_NAMES, TRANSPOSED, cfg, lambda t, shape, c: [shape[0] // 2] * 2)
 
 
 UPSTREAM_MAP = upstream_map(MULTI_QUERY_MAP, names=UPSTREAM_NAMES, hf_shapes=_upstream_shapes, layouts=TRANSPOSED,
