@@ -26,6 +26,7 @@ def _restore_environment():
     os.environ.clear()
     os.environ.update(saved)
 
+
 LLAMA_VARIANTS = {
     # theta 1e4, no scaling (DeepSeek-Coder v1.5 style)
     "v1_5": dict(rope_theta=10000.0),

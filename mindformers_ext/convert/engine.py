@@ -163,6 +163,7 @@ def _checked(info: TensorInfo, array: np.ndarray) -> tuple[TensorInfo, np.ndarra
 
 @dataclass
 class ConversionResult:
+    """What a conversion wrote: the output files, tensor and byte counts, and the tensors it skipped (why)."""
 
     files: list[str]
     tensors: int

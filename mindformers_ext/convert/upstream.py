@@ -51,6 +51,7 @@ def detect_upstream(names: Iterable[str]) -> Optional[str]:
 
 
 def family_of_model(network_or_config: Any) -> str:
+    """``'deepseek2'``, ``'wizardcoder'`` or ``'llama'`` for one of our networks or configs."""
     config = getattr(network_or_config, "config", network_or_config)
     if hasattr(config, "kv_lora_rank"):
         return "deepseek2"

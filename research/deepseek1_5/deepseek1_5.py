@@ -15,9 +15,8 @@ from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding,
-                                    ms_dtype)
-from mindformers_ext.layers.block import PreNormDecoderLayer
+from mindformers_ext.layers import (GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm, RotaryEmbedding, SwiGLU,
+                                    VocabEmbedding, ms_dtype)
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
@@ -93,7 +92,6 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
                                              kv_cache_int8=config.kv_cache_dtype == "int8", **common)
         self.ffn_norm = RMSNorm(config.hidden_size, **norm)
         self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias, **common)
-
 
 
 class LlamaModel(ShardedCell):

@@ -32,8 +32,8 @@ from mindformers.models.llama.llama_processor import LlamaProcessor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers.block import PreNormDecoderLayer
-from mindformers_ext.layers import GeluMLP, GroupedAttentionCore, LayerNorm, Linear, VocabEmbedding, ms_dtype
+from mindformers_ext.layers import (GeluMLP, GroupedAttentionCore, LayerNorm, Linear, PreNormDecoderLayer,
+                                    VocabEmbedding, ms_dtype)
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
 from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
@@ -142,7 +142,6 @@ class GPTBigCodeDecoderLayer(PreNormDecoderLayer):
         self.ffn_norm = LayerNorm(config.hidden_size, **norm)
         self.feed_forward = GeluMLP(config.hidden_size, config.intermediate_size, config.gelu_approximate,
                                     True, **common)
-
 
 
 class GPTBigCodeModel(ShardedCell):
