@@ -15,6 +15,7 @@ would flatter our ratio. Pass --threads 2 to see that configuration.
     python bench/decode.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA latent cache, MoE)
     python bench/decode.py --models tiny --batches 1 --new_tokens 32
     python bench/decode.py --models llama-150m --batches 1 --quant w8a16   # + our W8A16 model on the same weights
+    python bench/decode.py --models llama-150m bigcode-150m --qkv_concat     # + our model with fused q/k/v, gate/up
     python bench/decode.py --models llama-150m --batches 1 --prompt_len 1024 --new_tokens 64   # long context
 
 Each line also gives the weight bytes one decode step reads per token (``*_weight_bytes_per_token``:
@@ -26,7 +27,9 @@ from memory on this machine (``read_limit_gb_per_s``, a large numpy sum) and the
 achieved (``*_fraction_of_read_limit``). The KV cache's reads are not counted: at a long
 ``--prompt_len`` (``--prompt_len 1024 --new_tokens 64``) they add to the weights'. With
 ``--quant w8a16`` our W8A16 model (:func:`mindformers_ext.quant.quantize_model`) is timed too, and
-``w8a16_same_ids_fraction`` is the fraction of its new tokens equal to our float32 model's.
+``w8a16_same_ids_fraction`` is the fraction of its new tokens equal to our float32 model's. With
+``--qkv_concat`` our model with q/k/v and gate/up fused (``model_config.qkv_concat``) is timed too
+(``ours_qkv_concat_*``, ``ratio_qkv_concat_over_ours``).
 """
 from __future__ import annotations
 
@@ -137,6 +140,8 @@ def main() -> None:
                         help="threads per framework (default 1: see the module docstring)")
     parser.add_argument("--quant", choices=("w8a16",), default=None,
                         help="also time our model with this weight quantization (same weights)")
+    parser.add_argument("--qkv_concat", action="store_true",
+                        help="also time our model with q/k/v and gate/up fused into one matmul each (same weights)")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new_tokens must be at least 2 (the first new token is the prefill's)")
@@ -158,6 +163,7 @@ def main() -> None:
             hf = build_hf(name, tmp)
             ours = load_hf_model(tmp, use_past=True, seq_length=2048)
             quantized = load_hf_model(tmp, use_past=True, seq_length=2048, quant=args.quant) if args.quant else None
+            fused = load_hf_model(tmp, use_past=True, seq_length=2048, qkv_concat=True) if args.qkv_concat else None
         rng = np.random.RandomState(0)
         for batch in args.batches:
             prompts = rng.randint(3, CONFIGS[name]["vocab_size"], size=(batch, args.prompt_len))
@@ -188,6 +194,15 @@ def main() -> None:
                     f"ratio_{args.quant}_over_ours_float": round(ours_s / quant_s, 3),
                     f"{args.quant}_same_ids_fraction": round(float(np.mean(quant_ids == ours_ids)), 4),
                     f"ours_{args.quant}_weight_bytes_per_token": quant_bytes,
+                })
+            if fused is not None:
+                fused_s, fused_prefill, fused_ids = time_ours(fused, prompts, args.new_tokens)
+                line.update({
+                    **decode_figures("ours_qkv_concat", fused_s, fused_prefill, tokens, args.new_tokens, weight_bytes,
+                                     limit),
+                    "ratio_qkv_concat_over_hf": round(hf_s / fused_s, 3),
+                    "ratio_qkv_concat_over_ours": round(ours_s / fused_s, 3),
+                    "qkv_concat_same_ids": bool(np.array_equal(fused_ids, hf_ids)),
                 })
             print(json.dumps(line), flush=True)
 

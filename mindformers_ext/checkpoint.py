@@ -30,11 +30,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["CheckpointError", "MatchReport", "checkpoint_index", "model_parameters", "compare",
            "candidate_groups", "select_checkpoint", "load_checkpoint_into", "current_rank", "weights_source",
-           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES", "set_strict_load", "strict_load"]
+           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES", "set_strict_load", "strict_load", "fusions",
+           "unfused_parameters", "fuse_weights"]
 
 # Names under which optimizers / wrappers store per-parameter state: ``<prefix><parameter name>``.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "exp_avg.", "exp_avg_sq.",
@@ -117,6 +118,61 @@ def checkpoint_index(path: str) -> dict:
 def model_parameters(network) -> dict:
     """``{parameter name: shape}`` of a network (tied parameters once)."""
     return {p.name: tuple(p.shape) for p in network.get_parameters()}
+
+
+def fusions(network) -> dict:
+    """``{fused parameter name: (its FusedLinear, the names of its parts' tensors in checkpoints)}``, e.g.
+    ``...attention.w_qkv.weight`` -> ``(...wq.weight, ...wk.weight, ...wv.weight)``."""
+    from mindformers_ext.layers.linear import FusedLinear  # pylint: disable=import-outside-toplevel
+
+    out = {}
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, FusedLinear):
+            for param in cell.get_parameters(expand=False):  # weight, bias, the w8a16 scale
+                prefix, leaf = param.name.rsplit(".", 1)
+                parent = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
+                out[param.name] = (cell, tuple(f"{parent}{part}.{leaf}" for part, _ in cell.parts))
+    return out
+
+
+def unfused_parameters(network) -> dict:
+    """``{name: shape}`` of the network's weights as checkpoints keep them apart (each fused projection as
+    its parts; the same as :func:`model_parameters` without ``qkv_concat``)."""
+    fused = fusions(network)
+    shapes = {}
+    for name, shape in model_parameters(network).items():
+        if name in fused:
+            cell, parts = fused[name]
+            shapes.update((part, (rows,) + shape[1:]) for part, (_, rows) in zip(parts, cell.parts))
+        else:
+            shapes[name] = shape
+    return shapes
+
+
+def fuse_weights(network, weights: Iterable, source: str = "the checkpoint") -> Iterator:
+    """``weights`` ((name, numpy array) pairs, each projection apart) with the parts of every fused parameter
+    of ``network`` joined into it as soon as all have come; other weights pass through."""
+    fused = fusions(network)
+    owner = {part: name for name, (_, parts) in fused.items() for part in parts}
+    pending: dict = {}
+    for name, array in weights:
+        if name not in owner:
+            yield name, array
+            continue
+        target = owner[name]
+        cell, parts = fused[target]
+        rows = dict(zip(parts, (r for _, r in cell.parts)))[name]
+        if array.shape[0] != rows:
+            raise CheckpointError(f"{source}: weight {name!r} has shape {tuple(array.shape)}; {target} expects "
+                                  f"{rows} rows from it")
+        got = pending.setdefault(target, {})
+        got[name] = array
+        if len(got) == len(parts):
+            del pending[target]
+            yield target, cell.fuse([got[p] for p in parts])
+    for target, got in pending.items():
+        missing = [p for p in fused[target][1] if p not in got]
+        raise CheckpointError(f"{source}: no {', '.join(missing)} to join into {target}")
 
 
 def _is_state(name: str, expected: Mapping) -> bool:
@@ -269,27 +325,41 @@ def load_checkpoint_into(network, path: str, rank_id: Optional[int] = None, what
 
     rank_id = current_rank() if rank_id is None else rank_id
     params = {p.name: p for p in network.get_parameters()}
-    try:
-        files = select_checkpoint(path, model_parameters(network), rank_id, what, type(network).__name__)
-    except CheckpointError:  # a checkpoint in upstream MindFormers' layout is mapped while loading
+    # with qkv_concat: the projections kept apart (as converted), else fused as the model (upstream's)
+    views = [unfused_parameters(network), model_parameters(network)]
+    first_error = None
+    for view in views if views[0] != views[1] else views[1:]:
+        try:
+            files = select_checkpoint(path, view, rank_id, what, type(network).__name__)
+            break
+        except CheckpointError as exc:
+            first_error = first_error or exc
+    else:  # a checkpoint in upstream MindFormers' layout is mapped while loading
         from mindformers_ext.convert.upstream import (  # pylint: disable=import-outside-toplevel
             load_upstream_into, upstream_candidate)
 
         upstream = upstream_candidate(path, network, rank_id)
         if upstream is None:
-            raise
+            raise first_error
         return load_upstream_into(network, upstream, what)
+    owner = {part: name for name, (_, parts) in fusions(network).items() for part in parts}
     loaded: dict = {}
     for file in files:
         fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
-        loaded.update(ms.load_checkpoint(file, format=fmt, choice_func=lambda name: name in params))
+        loaded.update(ms.load_checkpoint(file, format=fmt, choice_func=lambda name: name in view))
     for name, value in list(loaded.items()):
-        if value.dtype != params[name].dtype:
-            if ms.int8 in (value.dtype, params[name].dtype):  # int8 values mean nothing without their scales
+        param = params[owner.get(name, name)]
+        if value.dtype != param.dtype:
+            if ms.int8 in (value.dtype, param.dtype):  # int8 values mean nothing without their scales
                 raise CheckpointError(f"{what} {', '.join(files)}: weight {name!r} is {value.dtype}, the model's "
-                                      f"parameter {params[name].dtype}; a w8a16 checkpoint (convert_weight.py "
+                                      f"parameter {param.dtype}; a w8a16 checkpoint (convert_weight.py "
                                       "--quant w8a16) loads with run_mindformer.py --quant w8a16")
-            loaded[name] = ms.Parameter(ops.cast(value, params[name].dtype), name=name)
+            loaded[name] = ms.Parameter(ops.cast(value, param.dtype), name=name)
+    if owner and any(name in owner for name in loaded):
+        parts = {name: loaded.pop(name) for name in list(loaded) if name in owner}
+        arrays = ((n, (v if v.dtype == ms.int8 else ops.cast(v, ms.float32)).asnumpy()) for n, v in parts.items())
+        loaded.update((n, ms.Parameter(ms.Tensor(a).astype(params[n].dtype), name=n))
+                      for n, a in fuse_weights(network, arrays, ", ".join(files)))
     ms.load_param_into_net(network, loaded, strict_load=True)
     logger.info("%s: loaded %d weights from %s", what, len(loaded), ", ".join(files))
     return files

@@ -41,6 +41,7 @@ def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", qu
     ``param_init_type``. ``quant="w8a16"`` then stores the linear layers' weights as int8 with
     per-channel scales (:func:`mindformers_ext.quant.quantize_model`).
     """
+    from mindformers_ext.checkpoint import fuse_weights
     from mindformers_ext.convert import iter_hf_weights  # the converter's streaming reader
 
     config_path = os.path.join(hf_dir, "config.json")
@@ -51,7 +52,7 @@ def load_hf_model(hf_dir: str, use_past: bool = True, dtype: str = "float32", qu
     params = dict(model.parameters_and_names())
     loaded = set()
     target = ms_dtype(canonical_dtype(model.config.param_init_type))
-    for name, array in iter_hf_weights(hf_dir, family.weight_map, model.config):
+    for name, array in fuse_weights(model, iter_hf_weights(hf_dir, family.weight_map, model.config), hf_dir):
         if name not in params:
             raise KeyError(f"{hf_dir}: weight {name!r} has no parameter in {type(model).__name__}")
         param = params[name]

@@ -237,7 +237,7 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     from mindspore import Tensor
     from mindformers.tools.logger import logger
 
-    from mindformers_ext.checkpoint import CheckpointError, compare, model_parameters
+    from mindformers_ext.checkpoint import CheckpointError, compare, fuse_weights, unfused_parameters
 
     files = [files] if isinstance(files, str) else list(files)
     family = family_of_model(network)
@@ -252,14 +252,14 @@ def load_upstream_into(network: Any, files: Union[str, Sequence[str]], what: str
     except ConversionError as exc:
         raise CheckpointError(f"{what}: {exc}") from exc
     produced = {o.name: o.shape for o in plan.outputs}
-    report = compare(model_parameters(network), produced)
+    report = compare(unfused_parameters(network), produced)
     if not report.ok:
         raise CheckpointError(f"{what} {source.path}: an upstream MindFormers {_FAMILY_TITLE[family]} checkpoint that "
                               f"does not fit {type(network).__name__}: {report.describe(len(params))}")
     logger.info("%s %s: upstream MindFormers %s checkpoint layout (%s): mapped to ours while loading; "
                 "tools/convert_weight.py --model %s --upstream migrates it once", what, source.path,
                 _FAMILY_TITLE[family], _WHAT[family], family)
-    for name, array in mindspore_arrays(plan):
+    for name, array in fuse_weights(network, mindspore_arrays(plan), source.path):
         param = params[name]
         param.set_data(Tensor(np.ascontiguousarray(array)).astype(param.dtype))
         del array

@@ -2,11 +2,11 @@
 from mindformers_ext.layers.attention import GroupedAttentionCore, MASK_VALUE
 from mindformers_ext.layers.block import PreNormDecoderLayer
 from mindformers_ext.layers.embedding import VocabEmbedding
-from mindformers_ext.layers.linear import Linear, ms_dtype
+from mindformers_ext.layers.linear import FusedLinear, Linear, ms_dtype
 from mindformers_ext.layers.mlp import GeluMLP, SwiGLU
 from mindformers_ext.layers.norm import LayerNorm, RMSNorm
 from mindformers_ext.layers.rotary import ApplyRotary, RotaryEmbedding, yarn_get_mscale
 
-__all__ = ["GroupedAttentionCore", "MASK_VALUE", "VocabEmbedding", "Linear", "ms_dtype",
+__all__ = ["GroupedAttentionCore", "MASK_VALUE", "VocabEmbedding", "FusedLinear", "Linear", "ms_dtype",
            "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm", "PreNormDecoderLayer", "ApplyRotary", "RotaryEmbedding",
            "yarn_get_mscale"]

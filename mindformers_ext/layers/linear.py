@@ -1,8 +1,9 @@
 """Dense projection with an HF-shaped weight ([out, in]) and column / row parallel strategies."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ops
 from mindspore.common.initializer import Normal, Zero, initializer
@@ -123,3 +124,35 @@ class Linear(ShardedCell):
         if self.has_bias:
             out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
         return self.reshape(out, (bs, seq, self.out_features))
+
+
+class FusedLinear(Linear):
+    """Several projections of the same input as one matmul (upstream MindFormers' ``qkv_concat``: ``w_qkv``,
+    ``w_gate_hidden``), while checkpoints may keep them apart.
+
+    ``parts`` names the separate projections (sibling cells of this one in checkpoints, e.g. ``("wq", 256),
+    ("wk", 64), ("wv", 64)``: name and output rows). Each part's rows are cut into ``groups`` equal groups
+    and stored group by group (``[p0 g0, p1 g0, ..., p0 g1, p1 g1, ...]``), upstream v1.5.0's layout: one
+    group per key/value head for q/k/v, one row per group for gate/up (interleaved), one group for a plain
+    concatenation. Model-parallel shards of whole groups then hold matching rows of every part.
+    """
+
+    def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], groups: int = 1, has_bias: bool = False,
+                 **kwargs) -> None:
+        parts = tuple((str(name), int(rows)) for name, rows in parts)
+        if any(rows % groups for _, rows in parts):
+            raise ValueError(f"FusedLinear: the rows of {parts} must be multiples of groups={groups}")
+        super().__init__(in_features, sum(rows for _, rows in parts), has_bias, **kwargs)
+        self.parts, self.groups = parts, groups
+
+    def fuse(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """The fused tensor (weight, bias or scale: rows first) from the parts' tensors, in ``parts`` order."""
+        grouped = [np.reshape(a, (self.groups, -1) + a.shape[1:]) for a in arrays]
+        fused = np.concatenate(grouped, axis=1)
+        return np.reshape(fused, (-1,) + fused.shape[2:])
+
+    def split(self, array: np.ndarray) -> list:
+        """The parts' tensors from the fused one (the inverse of :meth:`fuse`)."""
+        grouped = np.reshape(array, (self.groups, -1) + array.shape[1:])
+        bounds = np.cumsum([rows // self.groups for _, rows in self.parts])[:-1]
+        return [np.reshape(a, (-1,) + a.shape[2:]) for a in np.split(grouped, bounds, axis=1)]

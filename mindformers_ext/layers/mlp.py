@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mindspore import ops
 
-from mindformers_ext.layers.linear import Linear
+from mindformers_ext.layers.linear import FusedLinear, Linear
 from mindformers_ext.parallel.shard import ShardedCell
 
 
@@ -11,12 +11,20 @@ class SwiGLU(ShardedCell):
     """``w2(silu(w1 x) * w3 x)`` with MindFormers' names (w1 = gate, w2 = down, w3 = up)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, has_bias: bool = False,
-                 compute_dtype: str = "float32", param_init_type: str = "float32", init_std: float = 0.02) -> None:
+                 compute_dtype: str = "float32", param_init_type: str = "float32", init_std: float = 0.02,
+                 concat: bool = False) -> None:
         super().__init__()
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
         self.intermediate_size = intermediate_size
-        self.w1 = Linear(hidden_size, intermediate_size, has_bias, **linear)
-        self.w3 = Linear(hidden_size, intermediate_size, has_bias, **linear)
+        self.concat = concat
+        if concat:  # upstream's ffn concat: gate and up in one matmul, their rows interleaved
+            self.w_gate_hidden = FusedLinear(hidden_size, (("w1", intermediate_size), ("w3", intermediate_size)),
+                                             intermediate_size, has_bias, **linear)
+            self.split = ops.Split(3, 2)
+            self.reshape = ops.Reshape()
+        else:
+            self.w1 = Linear(hidden_size, intermediate_size, has_bias, **linear)
+            self.w3 = Linear(hidden_size, intermediate_size, has_bias, **linear)
         self.w2 = Linear(intermediate_size, hidden_size, has_bias, **linear)
         self.sigmoid = ops.Sigmoid()
         self.mul_gate = ops.Mul()
@@ -24,8 +32,12 @@ class SwiGLU(ShardedCell):
 
     def shard(self, dp: int, mp: int) -> None:
         """Intermediate features split over model parallel."""
-        self.w1.shard_column(dp, mp)
-        self.w3.shard_column(dp, mp)
+        if self.concat:
+            self.w_gate_hidden.shard_column(dp, mp)
+            self.shard_op("split", self.split, ((dp, 1, mp, 1),), (("B", "S", self.intermediate_size, 2),))
+        else:
+            self.w1.shard_column(dp, mp)
+            self.w3.shard_column(dp, mp)
         self.w2.shard_row(dp, mp)
         act = ("B", "S", self.intermediate_size)
         self.shard_op("sigmoid", self.sigmoid, ((dp, 1, mp),), (act,))
@@ -33,8 +45,14 @@ class SwiGLU(ShardedCell):
         self.shard_op("mul", self.mul, ((dp, 1, mp), (dp, 1, mp)), (act, act))
 
     def construct(self, x):
-        gate = self.w1(x)
-        return self.w2(self.mul(self.mul_gate(gate, self.sigmoid(gate)), self.w3(x)))
+        if self.concat:
+            bs, seq, _ = x.shape
+            shape = (bs, seq, self.intermediate_size)
+            gate, up = self.split(self.reshape(self.w_gate_hidden(x), shape + (2,)))
+            gate, up = self.reshape(gate, shape), self.reshape(up, shape)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(self.mul(self.mul_gate(gate, self.sigmoid(gate)), up))
 
 
 class GeluMLP(ShardedCell):

@@ -24,7 +24,13 @@ def canonical_dtype(value: Any) -> str:
 
 
 class CausalLMConfigBase(PretrainedConfig):
-    """Shared config fields (see MindFormers' LlamaConfig for their meaning)."""
+    """Shared config fields (see MindFormers' LlamaConfig for their meaning).
+
+    ``qkv_concat`` (upstream's name): the query / key / value projections run as one matmul (``w_qkv``;
+    GPT-BigCode's multi-query ``c_attn``) and so do the SwiGLU gate / up (``w_gate_hidden``), fewer and
+    larger matmuls for decoding. Checkpoints with the separate weights load into such a model (and
+    upstream's ``qkv_concat`` checkpoints as they are): :class:`mindformers_ext.layers.FusedLinear`.
+    """
 
     def __init__(self,
                  batch_size: int = 1,
@@ -38,6 +44,7 @@ class CausalLMConfigBase(PretrainedConfig):
                  use_past: bool = False,
                  use_flash_attention: bool = False,
                  kv_cache_dtype: Optional[str] = None,
+                 qkv_concat: bool = False,
                  parallel_config: Union[dict, TransformerOpParallelConfig] = default_transformer_config,
                  offset: Union[int, list] = 0,
                  checkpoint_name_or_path: str = "",
@@ -69,6 +76,9 @@ class CausalLMConfigBase(PretrainedConfig):
             raise ValueError(f"kv_cache_dtype must be int8 or unset (the cache then keeps compute_dtype), "
                              f"got {kv_cache_dtype!r}")
         self.kv_cache_dtype = kv_cache_dtype
+        if not isinstance(qkv_concat, bool):
+            raise ValueError(f"qkv_concat must be True or False, got {qkv_concat!r}")
+        self.qkv_concat = qkv_concat
         self.parallel_config = parallel_config
         self.offset = offset
         self.checkpoint_name_or_path = checkpoint_name_or_path

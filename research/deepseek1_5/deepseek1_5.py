@@ -15,7 +15,7 @@ from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm, RotaryEmbedding, SwiGLU,
+from mindformers_ext.layers import (FusedLinear, GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm, RotaryEmbedding, SwiGLU,
                                     VocabEmbedding, ms_dtype)
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
@@ -30,13 +30,21 @@ class CausalSelfAttention(ShardedCell):
     def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
                  qkv_bias: bool = False, out_bias: bool = False, compute_dtype: str = "float32",
                  param_init_type: str = "float32", softmax_compute_type: str = "float32",
-                 init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
+                 init_std: float = 0.02, kv_cache_int8: bool = False, qkv_concat: bool = False) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv_concat = qkv_concat
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
-        self.wq = Linear(hidden_size, heads * head_dim, qkv_bias, **linear)
-        self.wk = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
-        self.wv = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
+        if qkv_concat:  # one matmul; rows grouped by key/value head: [its queries, its key, its value]
+            self.w_qkv = FusedLinear(hidden_size, (("wq", heads * head_dim), ("wk", kv_heads * head_dim),
+                                                   ("wv", kv_heads * head_dim)), kv_heads, qkv_bias, **linear)
+            self.rep = heads // kv_heads
+            self.split_qkv = ops.Split(3, self.rep + 2)  # per key/value head: its rep queries, key, value
+            self.join_q = ops.Concat(3)
+        else:
+            self.wq = Linear(hidden_size, heads * head_dim, qkv_bias, **linear)
+            self.wk = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
+            self.wv = Linear(hidden_size, kv_heads * head_dim, qkv_bias, **linear)
         self.wo = Linear(heads * head_dim, hidden_size, out_bias, **linear)
         self.rotary_q = ApplyRotary(heads, head_dim)
         self.rotary_k = ApplyRotary(kv_heads, head_dim)
@@ -49,8 +57,15 @@ class CausalSelfAttention(ShardedCell):
 
     def shard(self, dp: int, mp: int) -> None:
         """Heads split over model parallel (column-parallel q/k/v, row-parallel output)."""
-        for proj in (self.wq, self.wk, self.wv):
-            proj.shard_column(dp, mp)
+        if self.qkv_concat:
+            self.w_qkv.shard_column(dp, mp)
+            self.shard_op("split_qkv", self.split_qkv, ((dp, 1, mp, 1, 1),),
+                          (("B", "S", self.kv_heads, self.rep + 2, self.head_dim),))
+            self.shard_op("join_q", self.join_q, ((dp, 1, mp, 1, 1),) * self.rep,
+                          (("B", "S", self.kv_heads, 1, self.head_dim),) * self.rep)
+        else:
+            for proj in (self.wq, self.wk, self.wv):
+                proj.shard_column(dp, mp)
         self.wo.shard_row(dp, mp)
         self.rotary_q.shard(dp, mp)
         self.rotary_k.shard(dp, mp)
@@ -58,9 +73,15 @@ class CausalSelfAttention(ShardedCell):
 
     def _project(self, x, cos, sin):
         bs, seq, _ = x.shape
-        q = self.rotary_q(self.reshape(self.wq(x), (bs, seq, self.heads, self.head_dim)), cos, sin)
-        k = self.rotary_k(self.reshape(self.wk(x), (bs, seq, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.reshape(self.wv(x), (bs, seq, self.kv_heads, self.head_dim))
+        kv_shape = (bs, seq, self.kv_heads, self.head_dim)
+        if self.qkv_concat:
+            parts = self.split_qkv(self.reshape(self.w_qkv(x), (bs, seq, self.kv_heads, self.rep + 2, self.head_dim)))
+            q = self.join_q(parts[:self.rep]) if self.rep > 1 else parts[0]
+            k, v = self.reshape(parts[self.rep], kv_shape), self.reshape(parts[self.rep + 1], kv_shape)
+        else:
+            q, k, v = self.wq(x), self.reshape(self.wk(x), kv_shape), self.reshape(self.wv(x), kv_shape)
+        q = self.rotary_q(self.reshape(q, (bs, seq, self.heads, self.head_dim)), cos, sin)
+        k = self.rotary_k(k, cos, sin)
         return q, self.transpose_k(k, (0, 2, 1, 3)), self.transpose_v(v, (0, 2, 1, 3))
 
     def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
@@ -89,9 +110,11 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.attention = CausalSelfAttention(config.hidden_size, config.num_heads, config.kv_heads, config.head_dim,
                                              qkv_bias=config.qkv_has_bias, out_bias=config.attn_proj_has_bias,
                                              softmax_compute_type=config.softmax_compute_type,
-                                             kv_cache_int8=config.kv_cache_dtype == "int8", **common)
+                                             kv_cache_int8=config.kv_cache_dtype == "int8",
+                                             qkv_concat=config.qkv_concat, **common)
         self.ffn_norm = RMSNorm(config.hidden_size, **norm)
-        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias, **common)
+        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_has_bias,
+                                   concat=config.qkv_concat, **common)
 
 
 class LlamaModel(ShardedCell):

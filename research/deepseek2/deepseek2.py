@@ -529,11 +529,13 @@ class DeepSeekMoE(ShardedCell):
 
 # ---------------------------------------------------------------- decoder
 class DeepseekV2MLP(SwiGLU):
-    """Dense SwiGLU of the first ``first_k_dense_replace`` layers (``feed_forward.w1/w2/w3``)."""
+    """Dense SwiGLU of the first ``first_k_dense_replace`` layers (``feed_forward.w1/w2/w3``; with
+    ``qkv_concat`` ``feed_forward.w_gate_hidden`` and ``w2``, as upstream's ``ffn_concat``)."""
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__(config.hidden_size, config.intermediate_size, False, compute_dtype=config.compute_dtype,
-                         param_init_type=config.param_init_type, init_std=config.initializer_range)
+                         param_init_type=config.param_init_type, init_std=config.initializer_range,
+                         concat=config.qkv_concat)
 
 
 class DeepseekV2MoE(DeepSeekMoE):

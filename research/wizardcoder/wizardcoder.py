@@ -10,6 +10,8 @@ Attention comes in HF's two layouts of the fused ``c_attn`` projection:
   ``[q (hidden) | k (head_dim) | v (head_dim)]``. We keep it as two projections, ``q_attn`` (split
   over model parallel by heads) and ``kv_attn`` (the one key/value head, replicated), so tensor
   parallelism needs no re-layout; the KV cache holds that one head, (batch, 1, tokens, head_dim).
+  With ``qkv_concat`` the two are one ``c_attn`` matmul again (checkpoints may keep them apart, see
+  :class:`mindformers_ext.layers.FusedLinear`); it cannot split over model parallel.
 * multi-head (``multi_query: False``): the output is per head ``(heads, 3 * head_dim)`` =
   ``[q_h | k_h | v_h]`` for each head; kept fused as ``c_attn``, which splits over model parallel by
   whole heads as it is.
@@ -32,7 +34,7 @@ from mindformers.models.llama.llama_processor import LlamaProcessor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (GeluMLP, GroupedAttentionCore, LayerNorm, Linear, PreNormDecoderLayer,
+from mindformers_ext.layers import (FusedLinear, GeluMLP, GroupedAttentionCore, LayerNorm, Linear, PreNormDecoderLayer,
                                     VocabEmbedding, ms_dtype)
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
@@ -66,15 +68,20 @@ class GPTBigCodeAttention(ShardedCell):
 
     def __init__(self, hidden_size: int, heads: int, multi_query: bool = True, scale_attn_weights: bool = True,
                  compute_dtype: str = "float32", param_init_type: str = "float32",
-                 softmax_compute_type: str = "float32", init_std: float = 0.02, kv_cache_int8: bool = False) -> None:
+                 softmax_compute_type: str = "float32", init_std: float = 0.02, kv_cache_int8: bool = False,
+                 qkv_concat: bool = False) -> None:
         super().__init__()
         if hidden_size % heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by heads ({heads})")
         self.hidden_size, self.heads, self.multi_query = hidden_size, heads, multi_query
         self.head_dim = hidden_size // heads
         self.kv_heads = 1 if multi_query else heads
+        self.fused_mqa = multi_query and qkv_concat
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
-        if multi_query:
+        if self.fused_mqa:
+            self.c_attn = FusedLinear(hidden_size, (("q_attn", hidden_size), ("kv_attn", 2 * self.head_dim)), 1,
+                                      True, **linear)
+        elif multi_query:
             self.q_attn = Linear(hidden_size, hidden_size, True, **linear)
             self.kv_attn = Linear(hidden_size, 2 * self.head_dim, True, **linear)
             self.split = ops.Split(-1, 2)
@@ -92,7 +99,13 @@ class GPTBigCodeAttention(ShardedCell):
 
     def shard(self, dp: int, mp: int) -> None:
         """Query heads split over model parallel; the multi-query key/value head is replicated."""
-        if self.multi_query:
+        if self.fused_mqa:
+            if mp > 1:
+                raise ValueError(f"qkv_concat: True with multi_query: True keeps the query and the one key/value "
+                                 f"head in one c_attn matmul, which cannot split over model_parallel {mp}; "
+                                 "set qkv_concat: False for tensor parallelism")
+            self.c_attn.shard_column(dp, 1)
+        elif self.multi_query:
             self.q_attn.shard_column(dp, mp)
             self.kv_attn.shard_column(dp, 1)
             self.shard_op("split", self.split, ((dp, 1, 1),), (("B", "S", 2 * self.head_dim),))
@@ -106,8 +119,14 @@ class GPTBigCodeAttention(ShardedCell):
         """q (B, S, heads, head_dim); k, v (B, kv_heads, S, head_dim)."""
         bs, seq, _ = x.shape
         if self.multi_query:
-            q = self.reshape(self.q_attn(x), (bs, seq, self.heads, self.head_dim))
-            k, v = self.split(self.kv_attn(x))
+            if self.fused_mqa:
+                qkv = self.c_attn(x)
+                q, k, v = (qkv[:, :, :self.hidden_size], qkv[:, :, self.hidden_size:self.hidden_size + self.head_dim],
+                           qkv[:, :, self.hidden_size + self.head_dim:])
+            else:
+                q = self.q_attn(x)
+                k, v = self.split(self.kv_attn(x))
+            q = self.reshape(q, (bs, seq, self.heads, self.head_dim))
             # one head: (B, S, D) -> (B, 1, S, D) keeps the memory order
             return q, self.reshape(k, (bs, 1, seq, self.head_dim)), self.reshape(v, (bs, 1, seq, self.head_dim))
         qkv = self.reshape(self.c_attn(x), (bs, seq, self.heads, 3, self.head_dim))
@@ -138,7 +157,8 @@ class GPTBigCodeDecoderLayer(PreNormDecoderLayer):
         self.attention = GPTBigCodeAttention(config.hidden_size, config.num_heads, config.multi_query,
                                              config.scale_attn_weights,
                                              softmax_compute_type=config.softmax_compute_type,
-                                             kv_cache_int8=config.kv_cache_dtype == "int8", **common)
+                                             kv_cache_int8=config.kv_cache_dtype == "int8",
+                                             qkv_concat=config.qkv_concat, **common)
         self.ffn_norm = LayerNorm(config.hidden_size, **norm)
         self.feed_forward = GeluMLP(config.hidden_size, config.intermediate_size, config.gelu_approximate,
                                     True, **common)
