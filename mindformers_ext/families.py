@@ -41,7 +41,7 @@ def register_family(family: Family) -> Family:
     """Add ``family`` (a research package calls this when it is imported). Also registers our train
     wrapper and optimizer in MindFormers' registry (``mindformers_ext.runner``), which the family's
     finetune YAMLs name."""
-    importlib.import_module("mindformers_ext.runner")
+    importlib.import_module("mindformers_ext.runner").register()
     _FAMILIES[family.name] = family
     return family
 

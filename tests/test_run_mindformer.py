@@ -108,7 +108,8 @@ def _config(path, *argv):
 
 
 def test_config_run_mode_overrides_and_cpu_adaptation(tmp_path):
-    import mindformers_ext.runner  # noqa: F401
+    from mindformers_ext.runner import register
+    register()
 
     config, target = _config(FINETUNE_7B, "--run_mode", "finetune", "--use_parallel", "True",
                              "--gradient_accumulation_steps", "4", "--runner_config.batch_size", "2",

@@ -169,7 +169,8 @@ def _adamw_run(optimizer_type, groups, steps=4):
     from mindformers.core.lr import build_lr
     from mindformers.core.optim import build_optim
 
-    import mindformers_ext.runner  # noqa: F401  registers PortableAdamW
+    from mindformers_ext.runner import register
+    register()  # PortableAdamW in MindFormers' registry
     ms.set_seed(7)
     net = RegressionLoss()
     initial = _weights(net)

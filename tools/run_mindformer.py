@@ -13,24 +13,15 @@ import importlib.util
 import os
 import sys
 
-
-def _early_cli():
-    """mindformers_ext/runner/cli.py loaded on its own (the package imports MindSpore and MindFormers):
-    bad flags and --help answer at once, and MindFormers' log goes to the run's output_dir."""
-    spec = importlib.util.find_spec("mindformers_ext")
-    if spec is None or not spec.submodule_search_locations:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        spec = importlib.util.find_spec("mindformers_ext")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "runner", "cli.py")
-    cli_spec = importlib.util.spec_from_file_location("_run_mindformer_cli", path)
-    cli = importlib.util.module_from_spec(cli_spec)
-    cli_spec.loader.exec_module(cli)
-    return cli
-
+if importlib.util.find_spec("mindformers_ext") is None:  # not installed: run from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    _cli = _early_cli()
-    _cli.default_log_path(_cli.parse_args()[0])
+    # the CLI first (no MindSpore / MindFormers import): bad flags and --help answer at once, and
+    # MindFormers' log goes to the run's output_dir
+    from mindformers_ext.runner.cli import default_log_path, parse_args
+
+    default_log_path(parse_args()[0])
     from mindformers_ext.runner.main import main  # noqa: E402
 
     sys.exit(main())

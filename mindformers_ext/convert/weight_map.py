@@ -43,6 +43,27 @@ def tied_head(head: str, tied_default: bool, base: Sequence[str] = ()) -> Callab
     return rules
 
 
+def config_reader(title: str, hf_key: str, hf_label: str, our_config: Callable[[dict], Any],
+                  is_ours: Callable[[Any], bool], to_hf: Callable[[Any], dict],
+                  model_type: Optional[str] = None) -> Callable[[Any], dict]:
+    """A map's ``hf_config``: an HF config dict from an HF dict / transformers config (with ``hf_key``, or
+    ``model_type``), our config object (``is_ours``; converted by ``to_hf``), or our YAML's ``model_config``
+    dict (with ``num_layers``; built by ``our_config``)."""
+    def read(config: Any) -> dict:
+        if isinstance(config, dict):
+            if hf_key in config or (model_type is not None and config.get("model_type") == model_type):
+                return dict(config)
+            if "num_layers" in config:
+                return read(our_config(config))
+            raise KeyError(f"the config has neither {hf_key} ({hf_label}) nor num_layers (ours)")
+        if is_ours(config):
+            return to_hf(config)
+        if hasattr(config, "to_dict"):
+            return read(config.to_dict())
+        raise TypeError(f"cannot read a {title} config from {type(config).__name__}")
+    return read
+
+
 def split_name(name: str) -> tuple[str, tuple[int, ...]]:
     """``'model.layers.3.mlp.experts.7.w'`` -> ``('model.layers.{}.mlp.experts.{}.w', (3, 7))``."""
     parts = name.split(".")

@@ -52,32 +52,25 @@ def llama_kwargs_from_hf(hf: dict[str, Any], source: str = "config.json") -> dic
     return kwargs
 
 
+def decoder_hf_fields(config: Any, architecture: str, model_type: str) -> dict[str, Any]:
+    """The HF config.json fields that RMSNorm rotary decoders (Llama, DeepSeek-V2) name alike, from ours."""
+    return {
+        "architectures": [architecture], "model_type": model_type, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.theta, "hidden_act": config.hidden_act,
+        "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        "initializer_range": config.initializer_range, "torch_dtype": config.param_init_type, "rope_scaling": None,
+    }
+
+
 def llama_config_to_hf(config: LlamaFamilyConfig) -> dict[str, Any]:
     """An HF ``LlamaConfig`` dict (for config.json) describing ``config``."""
-    hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.intermediate_size,
-        "vocab_size": config.vocab_size,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.theta,
-        "max_position_embeddings": config.max_position_embedding,
-        "hidden_act": config.hidden_act,
-        "attention_bias": config.qkv_has_bias,
-        "mlp_bias": config.mlp_has_bias,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "initializer_range": config.initializer_range,
-        "torch_dtype": config.param_init_type,
-        "rope_scaling": None,
-    }
+    hf = decoder_hf_fields(config, "LlamaForCausalLM", "llama")
+    hf.update(num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
+              max_position_embeddings=config.max_position_embedding, attention_bias=config.qkv_has_bias,
+              mlp_bias=config.mlp_has_bias)
     kind = ROPE_METHODS[config.extend_method]
     if kind == "yarn":
         hf["rope_scaling"] = {"type": "yarn", **dict(config.scaling_factor)}

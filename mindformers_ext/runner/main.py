@@ -61,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # pylint: disable=import-outside-toplevel
     from mindformers_ext.families import load_families
     load_families()  # the research packages' classes in MindFormers' registry
-    import mindformers_ext.runner  # noqa: F401  registers PortableTrainOneStepCell
+    from mindformers_ext.runner import register
+    register()  # PortableTrainOneStepCell and PortableAdamW in MindFormers' registry
     from mindformers.tools.logger import logger
     from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config, check_types
     from mindformers_ext.runner.context import ensure_context

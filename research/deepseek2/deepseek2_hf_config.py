@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mindformers_ext.models.llama_hf_config import decoder_hf_fields
 from research.deepseek2.deepseek2_config import MOE_DEFAULTS, DeepseekV2Config
 
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
@@ -58,34 +59,11 @@ def deepseek2_kwargs_from_hf(hf: dict[str, Any], source: str = "config.json") ->
 
 def deepseek2_config_to_hf(config: DeepseekV2Config) -> dict[str, Any]:
     """An HF DeepSeek-V2 config dict (for config.json) describing ``config``."""
-    hf: dict[str, Any] = {
-        "architectures": ["DeepseekV2ForCausalLM"],
-        "model_type": "deepseek_v2",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_heads,
-        "intermediate_size": config.intermediate_size,
-        "q_lora_rank": config.q_lora_rank,
-        "kv_lora_rank": config.kv_lora_rank,
-        "qk_nope_head_dim": config.qk_nope_head_dim,
-        "qk_rope_head_dim": config.qk_rope_head_dim,
-        "v_head_dim": config.v_head_dim,
-        "vocab_size": config.vocab_size,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.theta,
-        "max_position_embeddings": config.max_position_embeddings,
-        "hidden_act": config.hidden_act,
-        "attention_bias": config.attention_bias,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "initializer_range": config.initializer_range,
-        "torch_dtype": config.param_init_type,
-        "scoring_func": "softmax",
-        "rope_scaling": None,
-    }
+    hf = decoder_hf_fields(config, "DeepseekV2ForCausalLM", "deepseek_v2")
+    hf.update(num_key_value_heads=config.num_heads, q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+              qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+              v_head_dim=config.v_head_dim, max_position_embeddings=config.max_position_embeddings,
+              attention_bias=config.attention_bias, scoring_func="softmax")
     for key in MOE_DEFAULTS:
         hf[key] = getattr(config, key)
     hf["n_routed_experts"] = config.n_routed_experts

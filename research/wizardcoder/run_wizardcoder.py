@@ -24,17 +24,13 @@ from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+if importlib.util.find_spec("mindformers_ext") is None:  # not installed: run from the checkout
+    sys.path.insert(0, REPO)
+# pylint: disable=wrong-import-position
+from mindformers_ext.runner.cli import default_log_path, parse_args, str2bool  # noqa: E402  (no MindSpore import)
+
 DEFAULT_CONFIG = os.path.join(HERE, "run_wizardcoder.yaml")
 TEMPLATES = ("alpaca", "none")
-
-
-def _str2bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run_mode", default=None, choices=("train", "finetune", "eval", "predict"),
         help="default: the YAML's run_mode")
     add("--pet_method", default="", help="parameter-efficient finetuning: not supported (leave empty)")
-    add("--use_parallel", type=_str2bool, default=None)
+    add("--use_parallel", type=str2bool, default=None)
     add("--load_checkpoint", default=None, help="checkpoint file or directory")
     add("--resume", "--resume_training", dest="resume", default=None,
         help="resume training (True, or a checkpoint file name)")
@@ -61,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--predict_length", type=int, default=None, help="maximum number of new tokens")
     add("--prompt_template", default="alpaca", choices=TEMPLATES,
         help="wrap predict_data in WizardCoder's Alpaca prompt (default) or send it as given (none)")
-    add("--optimizer_parallel", type=_str2bool, default=None, help="parallel.enable_parallel_optimizer")
+    add("--optimizer_parallel", type=str2bool, default=None, help="parallel.enable_parallel_optimizer")
     add("--device_id", type=int, default=None)
     add("--vocab_file", default=None, help="tokenizer vocab.json (predict; default: the shipped tokenizer)")
     add("--merge_file", default=None, help="tokenizer merges.txt (predict)")
@@ -107,26 +103,10 @@ def translate(argv: Optional[Sequence[str]] = None) -> tuple[list[str], argparse
     return out + list(rest), args
 
 
-def _runner_cli():
-    """mindformers_ext/runner/cli.py loaded on its own (no MindSpore / MindFormers import), as
-    tools/run_mindformer.py does, so MindFormers' log can be pointed at the run's output_dir first."""
-    spec = importlib.util.find_spec("mindformers_ext")
-    if spec is None or not spec.submodule_search_locations:
-        sys.path.insert(0, REPO)
-        spec = importlib.util.find_spec("mindformers_ext")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "runner", "cli.py")
-    cli_spec = importlib.util.spec_from_file_location("_run_wizardcoder_cli", path)
-    cli = importlib.util.module_from_spec(cli_spec)
-    cli_spec.loader.exec_module(cli)
-    return cli
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     forwarded, args = translate(argv)
-    cli = _runner_cli()
-    cli.default_log_path(cli.parse_args(forwarded)[0])  # also rejects bad pass-through flags early
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+    # MindFormers' log to the run's output_dir before it loads; also rejects bad pass-through flags early
+    default_log_path(parse_args(forwarded)[0])
     # pylint: disable=import-outside-toplevel
     from mindformers_ext.runner.main import main as run_mindformer
 

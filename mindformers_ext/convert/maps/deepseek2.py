@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, shapes_from_ours, tied_head,
-                                                upstream_map)
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, shapes_from_ours,
+                                                tied_head, upstream_map)
 
 L = "model.layers.{}."
 A = L + "self_attn."
@@ -147,23 +147,15 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_config(config: Any) -> dict:
-    """An HF DeepSeek-V2 config dict from an HF dict / transformers config, our DeepseekV2Config, or our
-    YAML's ``model_config`` dict."""
+def _family() -> Any:
     from mindformers_ext.families import family_for_weight_map  # pylint: disable=import-outside-toplevel
+    return family_for_weight_map("deepseek2")
 
-    if isinstance(config, dict):
-        if "num_hidden_layers" in config:
-            return dict(config)
-        if "num_layers" in config:
-            config_class = family_for_weight_map("deepseek2").config_class
-            return hf_config(config_class(**{k: v for k, v in config.items() if k != "type"}))
-        raise KeyError("the config has neither num_hidden_layers (HF) nor num_layers (ours)")
-    if hasattr(config, "num_layers") and hasattr(config, "kv_lora_rank"):
-        return family_for_weight_map("deepseek2").config_to_hf(config)
-    if hasattr(config, "to_dict"):
-        return hf_config(config.to_dict())
-    raise TypeError(f"cannot read a DeepSeek-V2 config from {type(config).__name__}")
+
+hf_config = config_reader(
+    "DeepSeek-V2", "num_hidden_layers", "HF",
+    lambda fields: _family().config_class(**{k: v for k, v in fields.items() if k != "type"}),
+    lambda c: hasattr(c, "num_layers") and hasattr(c, "kv_lora_rank"), lambda c: _family().config_to_hf(c))
 
 
 WEIGHT_MAP = WeightMap(

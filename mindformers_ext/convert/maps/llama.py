@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mindformers_ext.convert.weight_map import MS_TRAINING_STATE, WeightMap, our_shapes, tied_head, upstream_map
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, WeightMap, config_reader, our_shapes, tied_head,
+                                                upstream_map)
 
 L = "model.layers.{}."
 NAMES = {
@@ -70,23 +71,18 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_config(config: Any) -> dict:
-    """An HF Llama config dict from an HF dict / transformers config, our LlamaFamilyConfig, or our
-    YAML's ``model_config`` dict (the last two through ``llama_config_to_hf``)."""
-    if isinstance(config, dict):
-        if "num_hidden_layers" in config:
-            return dict(config)
-        if "num_layers" in config:
-            from mindformers_ext.models.llama_config import LlamaFamilyConfig  # pylint: disable=C0415
-            kwargs = {k: v for k, v in config.items() if k != "type"}
-            return hf_config(LlamaFamilyConfig(**kwargs))
-        raise KeyError("the config has neither num_hidden_layers (HF) nor num_layers (ours)")
-    if hasattr(config, "num_layers"):
-        from mindformers_ext.models.llama_hf_config import llama_config_to_hf  # pylint: disable=C0415
-        return llama_config_to_hf(config)
-    if hasattr(config, "to_dict"):
-        return hf_config(config.to_dict())
-    raise TypeError(f"cannot read a Llama config from {type(config).__name__}")
+def _our_config(fields: dict) -> Any:
+    from mindformers_ext.models.llama_config import LlamaFamilyConfig  # pylint: disable=import-outside-toplevel
+    return LlamaFamilyConfig(**{k: v for k, v in fields.items() if k != "type"})
+
+
+def _to_hf(config: Any) -> dict:
+    from mindformers_ext.models.llama_hf_config import llama_config_to_hf  # pylint: disable=import-outside-toplevel
+    return llama_config_to_hf(config)
+
+
+# our LlamaFamilyConfig and our YAML's model_config dict go through llama_config_to_hf
+hf_config = config_reader("Llama", "num_hidden_layers", "HF", _our_config, lambda c: hasattr(c, "num_layers"), _to_hf)
 
 
 WEIGHT_MAP = WeightMap(

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from mindformers_ext.convert.tensors import ConversionError
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, shapes_from_ours, tied_head,
-                                                upstream_map)
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, shapes_from_ours,
+                                                tied_head, upstream_map)
 
 H = "transformer.h.{}."
 L = "model.layers.{}."
@@ -106,23 +106,6 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_config(config: Any) -> dict:
-    """An HF GPT-BigCode config dict from an HF dict / transformers config, our config object, or our
-    YAML's ``model_config`` dict (built with the registered config class its ``type`` names)."""
-    if isinstance(config, dict):
-        if "n_embd" in config or config.get("model_type") == "gpt_bigcode":
-            return dict(config)
-        if "num_layers" in config:
-            return hf_config(_our_config(config))
-        raise KeyError("the config has neither n_embd (HF GPT-BigCode) nor num_layers (ours)")
-    if hasattr(config, "num_layers") and hasattr(config, "multi_query"):
-        from mindformers_ext.models.gpt_bigcode_config import gpt_bigcode_config_to_hf  # pylint: disable=C0415
-        return gpt_bigcode_config_to_hf(config)
-    if hasattr(config, "to_dict"):
-        return hf_config(config.to_dict())
-    raise TypeError(f"cannot read a GPT-BigCode config from {type(config).__name__}")
-
-
 def _our_config(fields: dict):
     """Our config object for a YAML ``model_config`` dict (its ``type`` when registered, else the
     family config)."""
@@ -141,6 +124,16 @@ def _our_config(fields: dict):
             if issubclass(found, GPTBigCodeFamilyConfig):
                 cls = found
     return cls(**{k: v for k, v in fields.items() if k not in ("type", "parallel_config")})
+
+
+def _to_hf(config: Any) -> dict:
+    from mindformers_ext.models.gpt_bigcode_config import gpt_bigcode_config_to_hf  # pylint: disable=C0415
+    return gpt_bigcode_config_to_hf(config)
+
+
+# our YAML's model_config dict is built with the registered config class its ``type`` names
+hf_config = config_reader("GPT-BigCode", "n_embd", "HF GPT-BigCode", _our_config,
+                          lambda c: hasattr(c, "num_layers") and hasattr(c, "multi_query"), _to_hf, "gpt_bigcode")
 
 
 _COMMON = dict(hf_shapes=hf_shapes, hf_config=hf_config, shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
