@@ -34,8 +34,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 __all__ = ["CheckpointError", "MatchReport", "checkpoint_index", "model_parameters", "compare",
            "candidate_groups", "select_checkpoint", "load_checkpoint_into", "current_rank", "weights_source",
-           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES", "set_strict_load", "strict_load", "fusions",
-           "unfused_parameters", "fuse_weights"]
+           "require_weights", "RANDOM_WEIGHTS_WARNING", "OPTIMIZER_PREFIXES", "set_strict_load", "strict_load",
+           "fusions", "unfused_parameters", "fuse_weights"]
 
 # Names under which optimizers / wrappers store per-parameter state: ``<prefix><parameter name>``.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "exp_avg.", "exp_avg_sq.",

@@ -71,8 +71,9 @@ def test_fused_model_loads_split_and_fused_checkpoints(gqa, tmp_path):
     ms.save_checkpoint(fused, fused_ckpt)
     ids = np.array(random_prompts(fused.config.vocab_size, [17], seed=4), dtype=np.int32)
     expected = _hf_logits(ref, ids)
+    fields = {**fused.config.to_dict(), "checkpoint_name_or_path": ""}
     for ckpt in (split_ckpt, fused_ckpt):
-        model = DeepSeekCoderForCausalLM(type(fused.config)(**{**fused.config.to_dict(), "checkpoint_name_or_path": ""}))
+        model = DeepSeekCoderForCausalLM(type(fused.config)(**fields))
         load_checkpoint_into(model, ckpt)
         assert np.abs(model(ms.Tensor(ids)).asnumpy() - expected).max() <= 1e-4, ckpt
     assert set(unfused_parameters(model)) == set(_names(load_hf_model(path)))

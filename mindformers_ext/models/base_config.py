@@ -27,9 +27,10 @@ class CausalLMConfigBase(PretrainedConfig):
     """Shared config fields (see MindFormers' LlamaConfig for their meaning).
 
     ``qkv_concat`` (upstream's name): the query / key / value projections run as one matmul (``w_qkv``;
-    GPT-BigCode's multi-query ``c_attn``) and so do the SwiGLU gate / up (``w_gate_hidden``), fewer and
-    larger matmuls for decoding. Checkpoints with the separate weights load into such a model (and
-    upstream's ``qkv_concat`` checkpoints as they are): :class:`mindformers_ext.layers.FusedLinear`.
+    GPT-BigCode's multi-query ``c_attn``) and so do the SwiGLU gate / up (``w_gate_hidden``; DeepSeek-V2:
+    its dense layers' only, as upstream), fewer and larger matmuls. Checkpoints with the separate weights
+    load into such a model, upstream's ``qkv_concat`` checkpoints as they are
+    (:class:`mindformers_ext.layers.FusedLinear`).
     """
 
     def __init__(self,

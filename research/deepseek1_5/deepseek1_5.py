@@ -10,17 +10,16 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import mindspore as ms
 from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (FusedLinear, GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm, RotaryEmbedding, SwiGLU,
-                                    VocabEmbedding, ms_dtype)
+from mindformers_ext.layers import (FusedLinear, GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm,
+                                    RotaryDecoderModel, RotaryEmbedding, SwiGLU)
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes
 from research.deepseek1_5.deepseek1_5_config import DeepSeekCoderConfig
 
 
@@ -117,40 +116,16 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
                                    concat=config.qkv_concat, **common)
 
 
-class LlamaModel(ShardedCell):
+class LlamaModel(RotaryDecoderModel):
     """Embedding, decoder layers and final norm. Cache: (k, v) per layer, (B, kv_heads, T, head_dim)."""
 
     def __init__(self, config: LlamaFamilyConfig) -> None:
-        super().__init__()
-        self.num_layers = config.num_layers
-        self.cache_spec = CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers,
-                                    config.kv_cache_dtype == "int8")
-        dp, mp, pp, _ = parallel_sizes(config.parallel_config)
-        self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
-                                             config.initializer_range)
-        self.tok_embeddings.shard(dp, mp, vocab_emb_dp(config.parallel_config))
-        self.cast = ops.Cast()
-        self.compute_dtype = ms_dtype(config.compute_dtype)
-        self.rotary = RotaryEmbedding(config.head_dim, config.theta, config.extend_method, config.scaling_factor,
-                                      config.max_position_embedding)
-        self.rotary.shard(dp, mp)
-        self.layers = pipeline_layers(LlamaDecoderLayer, config, (dp, mp), pp)
-        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.layernorm_compute_type,
-                                config.param_init_type)
-        self.norm_out.shard(dp, mp)
-        pin_stages(pp, first=(self.tok_embeddings,), last=(self.norm_out,))
-
-    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
-        """-> (hidden, updated cache tuple or (), aux loss 0); ``cache`` is the flat tuple of
-        :class:`mindformers_ext.cache.KVCache` (see :class:`CausalSelfAttention` for the rest)."""
-        # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
-        x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
-        cos, sin = self.rotary(position_ids)
-        new_cache = ()
-        for i in range(self.num_layers):
-            x, layer_cache = self.layers[i](x, (cos, sin), mask, self.cache_spec.layer(cache, i), slot, decode)
-            new_cache = new_cache + layer_cache
-        return self.norm_out(x), new_cache, ops.zeros((), ms.float32)
+        dp, mp, _, _ = parallel_sizes(config.parallel_config)
+        super().__init__(config, CacheSpec(((config.kv_heads, config.head_dim),) * 2, config.num_layers,
+                                           config.kv_cache_dtype == "int8"),
+                         RotaryEmbedding(config.head_dim, config.theta, config.extend_method, config.scaling_factor,
+                                         config.max_position_embedding),
+                         LlamaDecoderLayer, (dp, mp))
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

@@ -75,12 +75,12 @@ from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedTensor
-from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryEmbedding, SwiGLU, VocabEmbedding,
+from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryDecoderModel, RotaryEmbedding, SwiGLU,
                                     ms_dtype)
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.parallel.check import ParallelCheckError
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 
 __all__ = ["MultiLatentAttention", "TopKRouter", "RoutedExperts", "DeepSeekMoE", "DeepseekV2Model",
@@ -587,10 +587,10 @@ class DeepseekV2DecoderLayer(ShardedCell):
         else:
             self.feed_forward.shard(dp, mp)
 
-    def construct(self, x, cos, sin, mask, cache=None, slot=None, decode=False):
+    def construct(self, x, rope, mask, cache=None, slot=None, decode=False):
         """-> (output, this layer's updated cache or (), aux loss of this layer (0 for dense layers));
-        ``decode`` selects MLA's absorbed attention and the MoE's expert gather."""
-        attn, cache = self.attention(self.attention_norm(x), cos, sin, mask, cache, slot, decode)
+        ``rope`` is (cos, sin); ``decode`` selects MLA's absorbed attention and the MoE's expert gather."""
+        attn, cache = self.attention(self.attention_norm(x), *rope, mask, cache, slot, decode)
         x = x + attn
         if self.is_moe:
             ff, aux = self.feed_forward(self.ffn_norm(x), decode)
@@ -599,44 +599,18 @@ class DeepseekV2DecoderLayer(ShardedCell):
         return x + ff, cache, aux
 
 
-class DeepseekV2Model(ShardedCell):
-    """Embedding, decoder layers and final norm; one latent cache tensor per layer."""
+class DeepseekV2Model(RotaryDecoderModel):
+    """Embedding, decoder layers and final norm; one latent cache tensor per layer; the summed MoE balance
+    loss (training) as the auxiliary loss."""
 
     def __init__(self, config: DeepseekV2Config) -> None:
-        super().__init__()
-        self.num_layers = config.num_layers
-        self.cache_spec = CacheSpec(((1, config.kv_lora_rank + config.qk_rope_head_dim),), config.num_layers,
-                                    config.kv_cache_dtype == "int8")
-        dp, mp, pp, ep = parallel_sizes(config.parallel_config)
-        self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
-                                             config.initializer_range)
-        self.tok_embeddings.shard(dp, mp, vocab_emb_dp(config.parallel_config))
-        self.cast = ops.Cast()
-        self.compute_dtype = ms_dtype(config.compute_dtype)
+        dp, mp, _, ep = parallel_sizes(config.parallel_config)
         method = "YARN" if config.extend_method == "YARN" else "None"
-        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.theta, method, config.rotary_scaling(),
-                                      config.max_position_embeddings)
-        self.rotary.shard(dp, mp)
-        self.layers = pipeline_layers(DeepseekV2DecoderLayer, config, (dp, mp, ep), pp)
-        self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.layernorm_compute_type,
-                                config.param_init_type)
-        self.norm_out.shard(dp, mp)
-        pin_stages(pp, first=(self.tok_embeddings,), last=(self.norm_out,))
-
-    def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
-        """-> (hidden, updated cache tuple or (), summed MoE balance loss (training)); as
-        :class:`research.deepseek1_5.deepseek1_5.LlamaModel`."""
-        # the residual stream runs in compute_dtype (as MindFormers' Llama), also with float32 parameters
-        x = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
-        cos, sin = self.rotary(position_ids)
-        new_cache = ()
-        aux = ops.zeros((), ms.float32)
-        for i in range(self.num_layers):
-            x, layer_cache, layer_aux = self.layers[i](x, cos, sin, mask, self.cache_spec.layer(cache, i), slot,
-                                                       decode)
-            new_cache = new_cache + layer_cache
-            aux = aux + layer_aux
-        return self.norm_out(x), new_cache, aux
+        super().__init__(config, CacheSpec(((1, config.kv_lora_rank + config.qk_rope_head_dim),), config.num_layers,
+                                           config.kv_cache_dtype == "int8"),
+                         RotaryEmbedding(config.qk_rope_head_dim, config.theta, method, config.rotary_scaling(),
+                                         config.max_position_embeddings),
+                         DeepseekV2DecoderLayer, (dp, mp, ep), layer_aux=True)
 
 
 # ---------------------------------------------------------------- causal LM
