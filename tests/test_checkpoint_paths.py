@@ -432,6 +432,17 @@ def test_cpu_data_parallel_fallback_resets_model_splits(path, splits, logged):
         assert any(f"train_dataset.num_parallel_workers 8 exceeds the {cores} CPU cores" in m for _, m in messages)
 
 
+def test_cpu_threads_follow_the_process_affinity():
+    """A process pinned to one core (taskset, a container's cpuset) runs MindSpore's CPU kernels on one
+    thread, not on os.cpu_count() threads fighting for that core."""
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); import mindspore as ms; "
+            "from mindformers_ext.runner.config import _adapt_threads; _adapt_threads('CPU'); "
+            "print('threads', ms.get_context('runtime_num_threads'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO}, check=True).stdout
+    assert "threads 1" in out.splitlines()
+
+
 def test_auto_trans_ckpt_with_nothing_to_transform(tmp_path, logged):
     """--auto_trans_ckpt True with a full checkpoint where every rank holds the whole model: one info
     line, and the full checkpoint is loaded on every rank (no transform)."""

@@ -468,14 +468,15 @@ def _adapt_dataset_workers(config: MindFormerConfig) -> None:
 
 
 def _adapt_threads(target: str) -> None:
-    """On CPU use all cores, shared among the local workers of an msrun job."""
+    """On CPU use all cores this process may run on (its affinity: taskset, a container's cpuset), shared
+    among the local workers of an msrun job."""
     if target != "CPU":
         return
     import mindspore as ms  # pylint: disable=import-outside-toplevel
 
     # msrun exports the job's worker count; on CPU jobs are single-node, so all of them are local.
     workers = int(os.environ.get("MS_WORKER_NUM", "1") or 1) if os.environ.get("MS_ROLE") else 1
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    threads = max(1, available_cores() // max(1, workers))
     ms.set_context(runtime_num_threads=threads)
 
 
