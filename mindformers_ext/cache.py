@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 MASK_VALUE = -1e9
 
@@ -77,34 +77,35 @@ class CacheWriter(nn.Cell):
     so one compiled graph serves every batch size, prompt length and capacity.
 
     Paged (:class:`PagedKVCache`): ``slot`` is the pair ``(positions (B, S), table (B, L))`` and
-    ``cache`` the block pool (1, H, blocks * block_size, D); token j of row b goes to pool position
-    ``positions[b, j]``.
+    ``cache`` the block pool, a Parameter (blocks * block_size, H, D); token j of row b goes to pool row
+    ``positions[b, j]``, written in place (``ScatterUpdate``: a functional update copies the whole
+    pool every step, which grows with the pool, not with the batch).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.update = ops.TensorScatterUpdate()
+        self.update_rows = ops.ScatterUpdate()
 
     def construct(self, cache, new, slot):
-        bs, heads, seq, _ = new.shape
+        bs, heads, seq, dim = new.shape
+        if isinstance(slot, tuple):
+            rows = ops.reshape(ops.transpose(new, (0, 2, 1, 3)), (bs * seq, heads, dim))
+            self.update_rows(cache, ops.reshape(slot[0], (-1,)), ops.cast(rows, cache.dtype))
+            return cache
         shape = (bs, heads, seq, 1)
         head = ops.broadcast_to(ops.reshape(ops.arange(heads, dtype=ms.int32), (1, -1, 1, 1)), shape)
-        if isinstance(slot, tuple):
-            rows = ops.zeros(shape, ms.int32)
-            tokens = ops.reshape(slot[0], (bs, 1, seq, 1))
-        else:
-            rows = ops.broadcast_to(ops.reshape(ops.arange(bs, dtype=ms.int32), (-1, 1, 1, 1)), shape)
-            tokens = ops.reshape(slot, (-1, 1, 1, 1)) + ops.reshape(ops.arange(seq, dtype=ms.int32), (1, 1, -1, 1))
+        rows = ops.broadcast_to(ops.reshape(ops.arange(bs, dtype=ms.int32), (-1, 1, 1, 1)), shape)
+        tokens = ops.reshape(slot, (-1, 1, 1, 1)) + ops.reshape(ops.arange(seq, dtype=ms.int32), (1, 1, -1, 1))
         index = ops.concat((rows, head, ops.broadcast_to(tokens, shape)), -1)
         return self.update(cache, index, ops.cast(new, cache.dtype))
 
 
 def read_cache(cache, slot):
     """The cache a decode step attends over: ``cache`` itself, or for a paged pool each row's tokens
-    gathered through its table (``slot[1]`` (B, L) pool positions) into (B, H, L, D)."""
-    if isinstance(slot, tuple):  # (1, H, P, D) -> (1, H, B, L, D) -> (B, H, L, D); no slice of the pool (a copy)
-        rows = ops.transpose(ops.gather(cache, slot[1], 2), (0, 2, 1, 3, 4))
-        return ops.reshape(rows, rows.shape[1:])
+    gathered through its table (``slot[1]`` (B, L) pool rows) into (B, H, L, D)."""
+    if isinstance(slot, tuple):  # (P, H, D) -> (B, L, H, D) -> (B, H, L, D)
+        return ops.transpose(ops.gather(cache, slot[1], 0), (0, 2, 1, 3))
     return cache
 
 
@@ -227,8 +228,9 @@ class KVCache:
 class PagedKVCache:
     """A pool of fixed-size blocks shared by many sequences (vLLM's paged KV cache, portable ops).
 
-    Each cache tensor of ``spec`` is one pool (1, heads, num_blocks * block_size, dim); a sequence
-    owns a list of blocks (its block table) and its token t lives at pool position
+    Each cache tensor of ``spec`` is one pool, a Parameter (num_blocks * block_size, heads, dim) that the
+    step graphs write in place; a sequence owns a list of blocks (its block table) and its token t lives
+    at pool row
     ``table[t // block_size] * block_size + t % block_size``. Blocks are reserved when a sequence is
     added (for every token it may ever hold, so a running sequence never waits for memory) and
     returned to the free list when it is freed. The step graphs get, instead of one slot per row,
@@ -243,8 +245,9 @@ class PagedKVCache:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
-        self.tensors = tuple(ops.zeros(shape, dt)
-                             for shape, dt in spec.shapes(1, (num_blocks + 1) * block_size, dtype))
+        self.tensors = tuple(Parameter(ops.zeros((shape[2], shape[1], shape[3]), dt), name=f"paged_cache.{i}",
+                                       requires_grad=False)
+                             for i, (shape, dt) in enumerate(spec.shapes(1, (num_blocks + 1) * block_size, dtype)))
         self.scratch = num_blocks * block_size  # pool position of the padding rows' block
         self.free_blocks = list(range(num_blocks))
         self.tables: dict = {}   # sequence id -> its blocks
@@ -319,9 +322,3 @@ class PagedKVCache:
         valid = np.arange(width)[None, :] < lengths[:, None]
         mask = np.where(valid, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :]
         return Tensor(mask), (Tensor(positions), Tensor(table))
-
-    def update(self, tensors: Sequence[Tensor]) -> None:
-        """Take a step's updated pool tensors."""
-        if len(tensors) != self.spec.num_tensors:
-            raise ValueError(f"expected {self.spec.num_tensors} cache tensors, got {len(tensors)}")
-        self.tensors = tuple(tensors)

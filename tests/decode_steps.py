@@ -100,7 +100,7 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
     joins = list(joins or [0] * len(prompts))
     spec, dtype = model.cache_spec(), model._cache_dtype()  # pylint: disable=protected-access
     cache = PagedKVCache(spec, sum(-(-(len(p) + steps) // block_size) for p in prompts) + 3, block_size, dtype)
-    prefill, decode = PagedStep(model, spec, dtype, False), PagedStep(model, spec, dtype, True)
+    prefill, decode = PagedStep(model, cache.tensors, False), PagedStep(model, cache.tensors, True)
     generated = [[] for _ in prompts]
     logits = [[] for _ in prompts]
     tick = 0
@@ -115,10 +115,9 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
                 ids[row, width - len(prompts[r]):] = prompts[r]
                 position_ids[row, width - len(prompts[r]):] = np.arange(len(prompts[r]))
             mask, (pos, table) = cache.prefill(joining, [len(prompts[r]) for r in joining])
-            out = prefill(Tensor(ids), Tensor(position_ids), mask, pos, table, *cache.tensors)
-            cache.update(out[1:])
+            out = prefill(Tensor(ids), Tensor(position_ids), mask, pos, table, *cache.tensors).asnumpy()
             for row, r in enumerate(joining):
-                logits[r].append(out[0].asnumpy()[row, -1])
+                logits[r].append(out[row, -1])
                 generated[r].append(int(logits[r][-1].argmax()))
         if running:
             ids = np.array([[generated[r][-1]] for r in running], np.int32)
@@ -127,10 +126,9 @@ def paged_greedy_logits(model, prompts: list[list[int]], steps: int = STEPS, joi
             rows, width = len(running) + 1, max(len(prompts[r]) + len(generated[r]) for r in running) + 4
             ids, positions = (np.concatenate([a, np.zeros((1, 1), np.int32)]) for a in (ids, positions))
             mask, (pos, table) = cache.decode(running, rows, width)
-            out = decode(Tensor(ids), Tensor(positions), mask, pos, table, *cache.tensors)
-            cache.update(out[1:])
+            out = decode(Tensor(ids), Tensor(positions), mask, pos, table, *cache.tensors).asnumpy()
             for row, r in enumerate(running):
-                logits[r].append(out[0].asnumpy()[row, -1])
+                logits[r].append(out[row, -1])
                 generated[r].append(int(logits[r][-1].argmax()))
         for r in range(len(prompts)):
             if len(generated[r]) == steps:

@@ -61,23 +61,23 @@ class CachedStep(nn.Cell):
 class PagedStep(nn.Cell):
     """:class:`CachedStep` over a :class:`mindformers_ext.cache.PagedKVCache` pool.
 
-    Inputs: input_ids (B, S), position_ids (B, S), mask, positions (B, S) (the pool positions the new
-    tokens are written to), table (B, L) (the pool positions of each row's tokens, read in decode),
-    then the pool tensors. Returns last-position logits and the updated pool.
+    Inputs: input_ids (B, S), position_ids (B, S), mask, positions (B, S) (the pool rows the new
+    tokens are written to), table (B, L) (the pool rows of each row's tokens, read in decode),
+    then the pool Parameters, which the step updates in place. Returns the last-position logits.
 
     ``dynamic=False`` compiles one graph per input shape instead of one dynamic-shape graph: on CPU a
     static graph runs a decode step in about 60 % of the time (no per-kernel shape inference), so the
     serving engine pads its decode batches to a few bucketed shapes and compiles each once.
     """
 
-    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool, dynamic: bool = True) -> None:
+    def __init__(self, lm: nn.Cell, pool: tuple, decode: bool, dynamic: bool = True) -> None:
         super().__init__(auto_prefix=False)
         self.lm = lm
         self.decode = decode
-        if dynamic:
-            inputs = cached_step_inputs(spec, cache_dtype)
-            self.set_inputs(*inputs[:3], _dyn(2, ms.int32), _dyn(2, ms.int32), *inputs[4:])
+        if dynamic:  # the pool's shape is fixed: only the step's tensors vary
+            self.set_inputs(_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32), _dyn(2, ms.int32),
+                            _dyn(2, ms.int32), *pool)
 
     def construct(self, input_ids, position_ids, mask, positions, table, *cache):
-        hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, (positions, table), self.decode)
-        return (self.lm.logits(hidden[:, -1:, :]),) + cache
+        hidden, _, _ = self.lm.model(input_ids, position_ids, mask, cache, (positions, table), self.decode)
+        return self.lm.logits(hidden[:, -1:, :])

@@ -140,8 +140,8 @@ class Engine:
         if num_blocks is None:
             num_blocks = max_num_seqs * -(-self.context // block_size)
         self.cache = PagedKVCache(spec, num_blocks, block_size, dtype)
-        self._prefill = PagedStep(model, spec, dtype, decode=False)
-        self._decode = PagedStep(model, spec, dtype, decode=True, dynamic=not decode_buckets)
+        self._prefill = PagedStep(model, self.cache.tensors, decode=False)
+        self._decode = PagedStep(model, self.cache.tensors, decode=True, dynamic=not decode_buckets)
         # the compiled decode shapes' batch sizes and attended lengths (none: one dynamic-shape graph)
         self._batch_buckets = _buckets(1, 2, max_num_seqs) if decode_buckets else []
         self._width_buckets = _buckets(64, 4, self.capacity) if decode_buckets else []
@@ -194,7 +194,7 @@ class Engine:
         for i, (rows, width) in enumerate(shapes, 1):
             mask, (write, table) = self.cache.decode([], rows, width)
             self._decode(Tensor(np.zeros((rows, 1), np.int32)), Tensor(np.zeros((rows, 1), np.int32)), mask, write,
-                         table, *self.cache.tensors)[0].asnumpy()
+                         table, *self.cache.tensors).asnumpy()
             if log is not None:
                 log(f"compiled decode graph {i}/{len(shapes)}: batch {rows}, length {width} "
                     f"({time.monotonic() - started:.1f} s)")
@@ -303,10 +303,9 @@ class Engine:
         ids, _, position_ids = left_pad([s.request.prompt_ids for s in seqs])  # as generate() batches prompts
         counts = [len(s.request.prompt_ids) for s in seqs]
         mask, (positions, table) = self.cache.prefill([s.request_id for s in seqs], counts)
-        out = self._prefill(Tensor(ids), Tensor(position_ids), mask, positions, table, *self.cache.tensors)
-        self.cache.update(out[1:])
+        logits = self._prefill(Tensor(ids), Tensor(position_ids), mask, positions, table,
+                               *self.cache.tensors).asnumpy()[:, -1, :]
         self.metrics["prompt_tokens"] += sum(counts)
-        logits = out[0].asnumpy()[:, -1, :]
         for row, seq in enumerate(seqs):
             self._advance(seq, logits[row])
 
@@ -318,9 +317,8 @@ class Engine:
             ids[row, 0] = seq.generated[-1]
             positions[row, 0] = len(seq.request.prompt_ids) + len(seq.generated) - 1
         mask, (write, table) = self.cache.decode([s.request_id for s in seqs], rows, width)
-        out = self._decode(Tensor(ids), Tensor(positions), mask, write, table, *self.cache.tensors)
-        self.cache.update(out[1:])
-        logits = out[0].asnumpy()[:, -1, :]
+        logits = self._decode(Tensor(ids), Tensor(positions), mask, write, table,
+                              *self.cache.tensors).asnumpy()[:, -1, :]
         for row, seq in enumerate(seqs):
             self._advance(seq, logits[row])
 
