@@ -41,15 +41,14 @@ class RotaryDecoderModel(ShardedCell):
 
     ``layer_class(config, layer_id)`` builds each layer (``layer_sizes``: the parallel sizes its ``shard``
     takes); a layer is called as ``layer(x, (cos, sin), mask, its cache, slot, decode)`` and returns
-    ``(x, its updated cache or ())``, plus its auxiliary loss when ``layer_aux`` (DeepSeek-V2's MoE).
+    ``(x, its updated cache or ())``, or also its auxiliary loss (DeepSeek-V2's MoE), which the stack sums.
     """
 
     def __init__(self, config, cache_spec: CacheSpec, rotary: RotaryEmbedding, layer_class: type,
-                 layer_sizes: tuple, layer_aux: bool = False) -> None:
+                 layer_sizes: tuple) -> None:
         super().__init__()
         self.num_layers = config.num_layers
         self.cache_spec = cache_spec
-        self.layer_aux = layer_aux
         dp, mp, pp, _ = parallel_sizes(config.parallel_config)
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                              config.initializer_range)
@@ -77,6 +76,6 @@ class RotaryDecoderModel(ShardedCell):
         for i in range(self.num_layers):
             out = self.layers[i](x, rope, mask, self.cache_spec.layer(cache, i), slot, decode)
             x, new_cache = out[0], new_cache + out[1]
-            if self.layer_aux:
+            if len(out) > 2:
                 aux = aux + out[2]
         return self.norm_out(x), new_cache, aux

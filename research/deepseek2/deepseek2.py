@@ -610,7 +610,7 @@ class DeepseekV2Model(RotaryDecoderModel):
                                            config.kv_cache_dtype == "int8"),
                          RotaryEmbedding(config.qk_rope_head_dim, config.theta, method, config.rotary_scaling(),
                                          config.max_position_embeddings),
-                         DeepseekV2DecoderLayer, (dp, mp, ep), layer_aux=True)
+                         DeepseekV2DecoderLayer, (dp, mp, ep))
 
 
 # ---------------------------------------------------------------- causal LM
