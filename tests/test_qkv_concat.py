@@ -125,3 +125,50 @@ def test_fused_layout_parallel_check():
     with pytest.raises(ParallelCheckError, match=r"attention\.split_qkv: input 0 dimension 2 \(8 = 8\) is not "
                                                  r"divisible by its split 16"):
         check_parallel(skeleton(16), 16)
+
+
+def _upstream_qkv(q, k, v, kv_heads):
+    """Upstream v1.5.0's ``qkv_concat_hf2mg`` written out: per key/value head, its queries, its key, its value."""
+    rep, dim = q.shape[0] // k.shape[0], k.shape[0] // kv_heads
+    rows = []
+    for g in range(kv_heads):
+        rows += [q[g * rep * dim:(g + 1) * rep * dim], k[g * dim:(g + 1) * dim], v[g * dim:(g + 1) * dim]]
+    return np.concatenate(rows)
+
+
+def test_converter_writes_and_reverses_fused_checkpoints(gqa, tmp_path, capsys):
+    """``convert_weight.py --qkv_concat True`` (upstream's flag) writes w_qkv / w_gate_hidden in upstream's row
+    order, which a fused model loads with HF's logits; ``--reversed`` recognises the fused names and gives back
+    HF's tensors bit for bit; a family without the fused layout is refused."""
+    from safetensors.numpy import load_file
+    from mindformers_ext.convert.cli import main as convert_main
+
+    path, fused, ref = gqa
+    ckpt, back = str(tmp_path / "fused.ckpt"), str(tmp_path / "hf_back")
+    assert convert_main(["--model", "deepseek", "--input_path", path, "--output_path", ckpt, "--qkv_concat", "True",
+                         "--no_progress"]) == 0
+    hf = load_file(f"{path}/model.safetensors")
+    written = {k: v.asnumpy() for k, v in ms.load_checkpoint(ckpt).items()}
+    assert not any(".wq." in n or ".w1." in n or ".w3." in n for n in written)
+    kv_heads = fused.config.n_kv_heads
+    for i in range(fused.config.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        expected = _upstream_qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], kv_heads)
+        assert np.array_equal(written[f"model.layers.{i}.attention.w_qkv.weight"], expected)
+        gate_up = written[f"model.layers.{i}.feed_forward.w_gate_hidden.weight"]
+        assert np.array_equal(gate_up[0::2], hf[m + "gate_proj.weight"])
+        assert np.array_equal(gate_up[1::2], hf[m + "up_proj.weight"])
+    model = DeepSeekCoderForCausalLM(type(fused.config)(**{**fused.config.to_dict(), "checkpoint_name_or_path": ""}))
+    load_checkpoint_into(model, ckpt)
+    ids = np.array(random_prompts(fused.config.vocab_size, [13], seed=6), dtype=np.int32)
+    assert np.abs(model(ms.Tensor(ids)).asnumpy() - _hf_logits(ref, ids)).max() <= 1e-4
+
+    assert convert_main(["--model", "deepseek", "--input_path", ckpt, "--output_path", back, "--reversed",
+                         "--config", f"{path}/config.json", "--no_progress"]) == 0
+    restored = load_file(f"{back}/model.safetensors")
+    assert set(restored) == set(hf) and all(np.array_equal(restored[k], hf[k]) for k in hf)
+
+    capsys.readouterr()
+    assert convert_main(["--model", "wizardcoder", "--input_path", path, "--output_path", str(tmp_path / "x.ckpt"),
+                         "--qkv_concat", "True", "--no_progress"]) == 1
+    assert "--qkv_concat: the wizardcoder weight map has no fused layout" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from mindformers_ext.convert.upstream import convert_upstream
 from mindformers_ext.convert.weight_map import BUILTIN_MAPS, available_models
 from mindformers_ext.interrupts import Interrupted
 from mindformers_ext.quant import QUANT_METHODS
+from mindformers_ext.runner.cli import str2bool
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 SEED_CKPT_NAME = "transform.ckpt"  # the DeepSeek seeds' default --mindspore_ckpt_path
@@ -44,6 +45,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output (default: refuse); the input itself is never replaced")
+    parser.add_argument("--qkv_concat", type=str2bool, default=False, metavar="BOOL",
+                        help="forward: write the checkpoint of a qkv_concat: True model (q/k/v as one w_qkv, "
+                             "gate/up as one w_gate_hidden, upstream MindFormers' layout; Llama family); "
+                             "reversed: such checkpoints are recognised without the flag")
     parser.add_argument("--quant", choices=QUANT_METHODS, default=None,
                         help="w8a16: store the linear layers' weights (MoE experts included; not the LM head, "
                              "embedding, norms, routers) as int8 with a float32 <name>_scale per output feature; "
@@ -76,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
         result = convert(args.input_path, args.output_path, args.model, dtype=args.dtype,
                          progress=not args.no_progress, config=args.config, reverse=args.reversed,
                          max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle,
-                         overwrite=args.overwrite, quant=args.quant)
+                         overwrite=args.overwrite, quant=args.quant, qkv_concat=args.qkv_concat)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -116,6 +121,8 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
     parser.add_argument("--config", default=None, help="HF config.json or our YAML")
     parser.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
+    parser.add_argument("--qkv_concat", type=str2bool, default=False, metavar="BOOL",
+                        help="write the checkpoint of a qkv_concat: True model (fused w_qkv / w_gate_hidden)")
     args = parser.parse_args(argv)
     aliases = {"deepseek": ("deepseek", "deepseek1_5", "deepseek_coder", "llama"), "deepseek2": ("deepseek2",)}
     if args.model and args.model not in aliases.get(model, (model,)):
@@ -136,7 +143,7 @@ def seed_main(model: str, prog: str, description: str, argv: Optional[Sequence[s
         if value:
             forwarded += [flag, value]
     forwarded += ["--reversed"] * args.reversed + ["--allow-pickle"] * args.allow_pickle
-    forwarded += ["--overwrite"] * args.overwrite
+    forwarded += ["--overwrite"] * args.overwrite + ["--qkv_concat", "True"] * args.qkv_concat
     return main(forwarded, prog=prog, default_name=SEED_CKPT_NAME)
 
 

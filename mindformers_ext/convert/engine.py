@@ -182,14 +182,16 @@ def find_hf_config(path: str) -> Optional[str]:
 def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str, WeightMap],
             dtype: Optional[str] = None, progress: bool = True, *, config: Any = None, reverse: bool = False,
             max_shard_size: Union[int, str] = "5GB", allow_pickle: bool = False,
-            overwrite: bool = True, quant: Optional[str] = None) -> ConversionResult:
+            overwrite: bool = True, quant: Optional[str] = None, qkv_concat: bool = False) -> ConversionResult:
     """Convert a checkpoint between HF and our (MindSpore) names, streaming tensor by tensor.
 
     Forward: ``source`` is an HF checkpoint (model dir, safetensors file or index, torch pickles), ``target`` a
     ``.ckpt`` (or ``.safetensors`` with our names); ``config`` defaults to the HF directory's ``config.json``.
     Reverse: ``source`` is ours, ``target`` an HF model directory, which gets ``config.json`` from ``config``
     (required). ``dtype`` converts every float tensor (``None`` keeps them); ``quant="w8a16"`` (forward) writes
-    the weights W8A16 quantizes as int8 plus a float32 ``<name>_scale`` each.
+    the weights W8A16 quantizes as int8 plus a float32 ``<name>_scale`` each. ``qkv_concat`` (forward) writes
+    the checkpoint of a ``qkv_concat: True`` model (the map's :attr:`WeightMap.qkv_concat` variant: upstream's
+    fused ``w_qkv`` / ``w_gate_hidden``); reversing, such a checkpoint is recognised by its names.
 
     Nothing is written unless the whole source validates. The output appears atomically (temp + rename); on
     any error or SIGTERM / SIGINT / SIGHUP the temporary output is removed. An output that would replace or
@@ -201,6 +203,11 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
                               "--reversed writes float HF weights")
     wmap = get_weight_map(weight_map)
     src = source if isinstance(source, WeightSource) else open_source(source, allow_pickle=allow_pickle)
+    if qkv_concat and wmap.qkv_concat is None:
+        raise ConversionError(f"--qkv_concat: the {wmap.name} weight map has no fused layout (qkv_concat "
+                              "checkpoints exist for the Llama family: --model deepseek / llama)")
+    if qkv_concat or (reverse and wmap.qkv_concat is not None and _holds_fused(src, wmap)):
+        wmap = wmap.qkv_concat
     if config is None:
         if reverse:
             raise ConversionError("converting to HF needs the model config (an HF config.json or our YAML) "
@@ -235,6 +242,12 @@ def convert(source: Union[str, WeightSource], target: str, weight_map: Union[str
         finally:
             bar.close()
     return ConversionResult(files, len(outputs), total, time.time() - t0, plan.skipped)
+
+
+def _holds_fused(source: WeightSource, wmap: WeightMap) -> bool:
+    """Whether ``source`` (ours) holds a tensor that only ``wmap``'s ``qkv_concat`` variant names."""
+    fused = wmap.qkv_concat.templates("ours") - wmap.templates("ours")
+    return any(split_name(entry.name)[0] in fused for entry in source.entries())
 
 
 def _real(path: str) -> str:

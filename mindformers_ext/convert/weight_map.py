@@ -7,7 +7,10 @@ components fill the ``{}``s. The few entries that are more than a rename say so 
 * an HF template with one more ``{}`` than ours (MoE experts): stacked along a new axis 0, in index order;
 * several HF templates naming one of ours: concatenated along axis 0 in dict order;
 * a tuple of our templates: the HF tensor is split along axis 0 into them (``WeightMap.split_rows``);
-* ``WeightMap.layouts``: our template -> :class:`Layout` (rows permuted and/or axes transposed).
+* ``WeightMap.layouts``: our template -> :class:`Layout` (rows permuted and/or axes transposed);
+* ``WeightMap.qkv_concat``: the family's variant for checkpoints of ``qkv_concat`` models (upstream
+  MindFormers' fused ``w_qkv`` / ``w_gate_hidden``: several HF tensors concatenated, rows in
+  :func:`grouped_rows` order).
 
 HF shapes come from the map's ``hf_shapes(config)``; ours follow from the moves, so each shape is stated once.
 The "hf" side of the ``*_upstream`` maps is the layout of checkpoints written by upstream MindFormers.
@@ -75,6 +78,16 @@ def fill(template: str, indices: Sequence[int]) -> str:
     return template.format(*indices)
 
 
+def grouped_rows(sizes: Sequence[int], groups: int) -> np.ndarray:
+    """Row order taking tensors of ``sizes`` rows, concatenated along axis 0, to upstream MindFormers' fused
+    layout (v1.5.0 ``qkv_concat_hf2mg`` / ``ffn_concat_hf2mg``): each part cut into ``groups`` equal groups,
+    stored group by group (``[p0 g0, p1 g0, ..., p0 g1, p1 g1, ...]``); one group per key/value head for
+    q/k/v, one row per group for gate/up (interleaved)."""
+    starts = np.cumsum((0,) + tuple(sizes[:-1]))
+    return np.concatenate([start + np.arange(size).reshape(groups, -1) for start, size in zip(starts, sizes)],
+                          axis=1).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one of our tensors is laid out relative to the other side: ``ours = other[rows(n, config)]``
@@ -132,6 +145,8 @@ class WeightMap:
     # HF config -> the variant for it, for a family whose variants store one HF tensor differently
     # (GPT-BigCode's fused c_attn: multi-query or not); None: this map serves every config
     select: Optional[Callable[[dict], "WeightMap"]] = None
+    # the variant whose checkpoints hold fused projections (``--qkv_concat``; recognised by name when reversing)
+    qkv_concat: Optional["WeightMap"] = None
 
     def for_config(self, config: dict) -> "WeightMap":
         if self.select is None:
@@ -167,7 +182,7 @@ def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
     """The map of ``family``'s checkpoints written by upstream MindFormers (its "hf" side): ``fields`` replace
     the family's; the config reader, the summary and the training-state ignore rules stay."""
     base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, split_rows=None,
-                shape_notes={}, model_types=(), select=None)
+                shape_notes={}, model_types=(), select=None, qkv_concat=None)
     return dataclasses.replace(family, **{**base, **fields})
 
 

@@ -9,6 +9,7 @@ from mindspore import Parameter, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
+from mindformers_ext.convert.weight_map import grouped_rows
 from mindformers_ext.parallel.shard import ShardedCell
 
 
@@ -147,12 +148,12 @@ class FusedLinear(Linear):
 
     def fuse(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """The fused tensor (weight, bias or scale: rows first) from the parts' tensors, in ``parts`` order."""
-        grouped = [np.reshape(a, (self.groups, -1) + a.shape[1:]) for a in arrays]
-        fused = np.concatenate(grouped, axis=1)
-        return np.reshape(fused, (-1,) + fused.shape[2:])
+        return np.concatenate(arrays, axis=0)[self._rows()]
 
     def split(self, array: np.ndarray) -> list:
         """The parts' tensors from the fused one (the inverse of :meth:`fuse`)."""
-        grouped = np.reshape(array, (self.groups, -1) + array.shape[1:])
-        bounds = np.cumsum([rows // self.groups for _, rows in self.parts])[:-1]
-        return [np.reshape(a, (-1,) + a.shape[2:]) for a in np.split(grouped, bounds, axis=1)]
+        joined = array[np.argsort(self._rows())]
+        return np.split(joined, np.cumsum([rows for _, rows in self.parts])[:-1], axis=0)
+
+    def _rows(self) -> np.ndarray:
+        return grouped_rows([rows for _, rows in self.parts], self.groups)

@@ -4,13 +4,20 @@ Shapes are identical on both sides (Dense weights are [out, in]) and our RoPE us
 every entry is a plain rename. Upstream MindFormers' converter renamed HF's tensors exactly as we do, so
 :data:`UPSTREAM_MAP` is the identity on our names; it exists so that ``--upstream`` works (and checks every
 shape) the same way for all families.
+
+:data:`QKV_CONCAT_MAP`: checkpoints of ``qkv_concat`` models (ours, or upstream's ``convert_weight.py
+--qkv_concat True`` and training): q/k/v as one ``attention.w_qkv`` and gate/up as one
+``feed_forward.w_gate_hidden``, rows in upstream's grouped order (:func:`grouped_rows`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, WeightMap, config_reader, our_shapes, tied_head,
-                                                upstream_map)
+import numpy as np
+
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, grouped_rows,
+                                                our_shapes, tied_head, upstream_map)
 
 L = "model.layers.{}."
 NAMES = {
@@ -98,6 +105,34 @@ WEIGHT_MAP = WeightMap(
                   "intermediate_size", "vocab_size", "attention_bias", "mlp_bias", "tie_word_embeddings"),
     model_types=("llama",),
 )
+
+
+
+def qkv_rows(rows: int, cfg: dict) -> np.ndarray:
+    """Row order of ``w_qkv`` over [q; k; v]: per key/value head, its queries, its key, its value."""
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = rows // (heads + 2 * kv_heads)
+    return grouped_rows((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), kv_heads)
+
+
+def gate_up_rows(rows: int, cfg: dict) -> np.ndarray:  # pylint: disable=unused-argument
+    """Row order of ``w_gate_hidden`` over [gate; up]: interleaved."""
+    return grouped_rows((rows // 2, rows // 2), rows // 2)
+
+
+QKV_CONCAT_NAMES = dict(NAMES)  # q, k, v (and gate, up) name one tensor of ours: concatenated in this order
+for _hf, _fused in (("self_attn.q_proj", "attention.w_qkv"), ("self_attn.k_proj", "attention.w_qkv"),
+                    ("self_attn.v_proj", "attention.w_qkv"), ("mlp.gate_proj", "feed_forward.w_gate_hidden"),
+                    ("mlp.up_proj", "feed_forward.w_gate_hidden")):
+    for _kind in ("weight", "bias"):
+        QKV_CONCAT_NAMES[f"{L}{_hf}.{_kind}"] = f"{L}{_fused}.{_kind}"
+QKV_CONCAT_MAP = dataclasses.replace(
+    WEIGHT_MAP, name="llama_qkv_concat", names=QKV_CONCAT_NAMES,
+    layouts={f"{L}{fused}.{kind}": Layout(rows=rows) for fused, rows in (("attention.w_qkv", qkv_rows),
+                                                                          ("feed_forward.w_gate_hidden", gate_up_rows))
+             for kind in ("weight", "bias")})
+WEIGHT_MAP = dataclasses.replace(WEIGHT_MAP, qkv_concat=QKV_CONCAT_MAP)
 
 UPSTREAM_MAP = upstream_map(WEIGHT_MAP, names={ours: ours for ours in NAMES.values()},
                             hf_shapes=lambda cfg: our_shapes(WEIGHT_MAP, cfg))
