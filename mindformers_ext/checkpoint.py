@@ -41,6 +41,8 @@ __all__ = ["CheckpointError", "MatchReport", "checkpoint_index", "model_paramete
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moments.", "moment1.", "moment2.", "exp_avg.", "exp_avg_sq.",
                       "accu_grads.", "accumulated_grads.")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# the fused projections of qkv_concat models (FusedLinear cells), as checkpoints name them
+FUSED_PROJECTIONS = ("w_qkv", "w_gate_hidden", "c_attn")
 _SKIPPED_FILES = ("hyper_param.safetensors",)
 _STRICT = {"load": True}
 RANDOM_WEIGHTS_WARNING = ("WARNING: {who}: no checkpoint given (--random_weights): the model has randomly "
@@ -275,6 +277,7 @@ def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str 
     strict = strict_load() if strict is None else strict
     reasons = []
     extra_only = False  # a candidate that only fails for weights the model lacks
+    fused = False  # a candidate holding fused projections that the model keeps apart
     for group in groups:
         try:
             report = compare(expected, _group_index(group))
@@ -291,8 +294,12 @@ def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str 
                             _label(group), len(groups), model)
             return list(group)
         extra_only = extra_only or report.fits
+        fused = fused or any(part in FUSED_PROJECTIONS for name in report.unexpected for part in name.split(".")[:-1])
         reasons.append((group, report.describe(len(expected))))
     hint = "; to load it without the weights the model lacks, pass --strict_load False" if extra_only else ""
+    if fused:
+        hint += ("; it holds fused projections (a qkv_concat model's): set model_config.qkv_concat: True "
+                 "(--model.model_config.qkv_concat True)")
     if os.path.isfile(path):
         raise CheckpointError(f"{what} {path} does not fit {model}: {reasons[0][1]} (does the YAML's "
                               f"model_config match the checkpoint?){hint}")

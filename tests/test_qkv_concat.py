@@ -77,6 +77,9 @@ def test_fused_model_loads_split_and_fused_checkpoints(gqa, tmp_path):
         load_checkpoint_into(model, ckpt)
         assert np.abs(model(ms.Tensor(ids)).asnumpy() - expected).max() <= 1e-4, ckpt
     assert set(unfused_parameters(model)) == set(_names(load_hf_model(path)))
+    unfused = DeepSeekCoderForCausalLM(type(fused.config)(**{**fields, "qkv_concat": False}))
+    with pytest.raises(CheckpointError, match=r"fused projections .*set model_config\.qkv_concat: True"):
+        load_checkpoint_into(unfused, fused_ckpt)
     partial = {k: v for k, v in ms.load_checkpoint(split_ckpt).items() if k != "model.layers.1.attention.wv.weight"}
     ms.save_checkpoint([{"name": k, "data": v} for k, v in partial.items()], str(tmp_path / "partial.ckpt"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.attention\.wv\.weight"):
