@@ -294,7 +294,8 @@ def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str 
                             _label(group), len(groups), model)
             return list(group)
         extra_only = extra_only or report.fits
-        fused = fused or any(part in FUSED_PROJECTIONS for name in report.unexpected for part in name.split(".")[:-1])
+        fused = fused or any(part in FUSED_PROJECTIONS
+                             for name in report.unexpected for part in name.split(".")[:-1])
         reasons.append((group, report.describe(len(expected))))
     hint = "; to load it without the weights the model lacks, pass --strict_load False" if extra_only else ""
     if fused:
