@@ -40,7 +40,6 @@ def test_fused_rows_follow_upstream_layout():
     q, k, v = np.array([[10], [11], [12], [13]]), np.array([[20], [21]]), np.array([[30], [31]])
     fused = qkv.fuse([q, k, v])
     assert fused[:, 0].tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
-    assert [a.tolist() for a in qkv.split(fused)] == [q.tolist(), k.tolist(), v.tolist()]
     assert qkv.fuse([q[:, 0], k[:, 0], v[:, 0]]).tolist() == [10, 11, 20, 30, 12, 13, 21, 31]  # a bias
     gate_up = FusedLinear(2, (("w1", 3), ("w3", 3)), groups=3)
     assert gate_up.fuse([np.array([1, 2, 3]), np.array([7, 8, 9])]).tolist() == [1, 7, 2, 8, 3, 9]

@@ -148,12 +148,4 @@ class FusedLinear(Linear):
 
     def fuse(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """The fused tensor (weight, bias or scale: rows first) from the parts' tensors, in ``parts`` order."""
-        return np.concatenate(arrays, axis=0)[self._rows()]
-
-    def split(self, array: np.ndarray) -> list:
-        """The parts' tensors from the fused one (the inverse of :meth:`fuse`)."""
-        joined = array[np.argsort(self._rows())]
-        return np.split(joined, np.cumsum([rows for _, rows in self.parts])[:-1], axis=0)
-
-    def _rows(self) -> np.ndarray:
-        return grouped_rows([rows for _, rows in self.parts], self.groups)
+        return np.concatenate(arrays, axis=0)[grouped_rows([rows for _, rows in self.parts], self.groups)]
