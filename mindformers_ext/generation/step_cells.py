@@ -41,17 +41,20 @@ class Step(nn.Cell):
 
     def __init__(self) -> None:
         super().__init__(auto_prefix=False)
-        self._graphs: dict = {}  # (phase, shapes and dtypes of the inputs) -> the compiled graph's phase
+        # (phase, shapes and dtypes of the inputs) -> (the compiled graph's phase, the jit config it runs with)
+        self._graphs: dict = {}
 
     def __call__(self, *args):
         key = (self.phase,) + tuple((arg.shape, arg.dtype) if isinstance(arg, Tensor) else None for arg in args)
         graph = self._graphs.get(key)
-        if graph is not None:
-            return _cell_graph_executor._exec_pip(self, *args, phase=graph)  # pylint: disable=protected-access
+        if graph is not None:  # what Cell.__call__ does once the graph exists, without the per-call walk
+            # pylint: disable=protected-access
+            _cell_graph_executor._graph_executor.set_jit_config(graph[1])
+            return _cell_graph_executor._exec_pip(self, *args, phase=graph[0])
         out = super().__call__(*args)
         if (_real_phase is not None and None not in key[1:] and ms.get_context("mode") == ms.GRAPH_MODE
                 and getattr(self, "arguments_key", None)):
-            self._graphs[key] = _real_phase(self.phase, self)
+            self._graphs[key] = (_real_phase(self.phase, self), self.jit_config_dict or ms.JitConfig().jit_config_dict)
         return out
 
 
