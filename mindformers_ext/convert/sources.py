@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from mindformers_ext.convert.ckpt_io import read_ckpt_index
 from mindformers_ext.convert.safetensors_io import INDEX_NAME, read_index, read_safetensors_header
@@ -20,9 +20,13 @@ class WeightSource:
 
     path: str
     lister: Callable[[], list[TensorEntry]]
+    _entries: Optional[list] = field(default=None, init=False, repr=False)
 
     def entries(self) -> list[TensorEntry]:
-        """All tensors, metadata only (data is read on demand), in file order; names are unique."""
+        """All tensors, metadata only (data is read on demand), in file order; names are unique. Listed once:
+        the converter asks again (recognising a fused checkpoint, then planning)."""
+        if self._entries is not None:
+            return self._entries
         entries = self.lister()
         seen: dict[str, str] = {}
         for entry in entries:
@@ -30,6 +34,7 @@ class WeightSource:
                 raise ConversionError(f"{self.path}: tensor {entry.name!r} appears twice "
                                       f"({seen[entry.name]} and {entry.path})")
             seen[entry.name] = entry.path
+        self._entries = entries
         return entries
 
 

@@ -107,7 +107,6 @@ WEIGHT_MAP = WeightMap(
 )
 
 
-
 def qkv_rows(rows: int, cfg: dict) -> np.ndarray:
     """Row order of ``w_qkv`` over [q; k; v]: per key/value head, its queries, its key, its value."""
     heads = cfg["num_attention_heads"]
