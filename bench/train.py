@@ -17,6 +17,7 @@ give the same losses step by step.
     python bench/train.py --models ds2-tiny ds2-moe-150m    # DeepSeek-V2 (MLA, DeepSeekMoE)
     python bench/train.py --models tiny --steps 5 --batch 2 --seq 64
     python bench/train.py --models ds2-moe-150m --experts 8 16 64   # MoE sweep: tokens/s per routed expert count
+    python bench/train.py --models ds2-moe-150m --capacity_factor 1.25   # our MoE drops over capacity (torch: none)
 
 With ``--experts`` each DeepSeek-V2 model runs once per E (its top-k and expert size kept) and a
 ``train_experts_sweep`` line sums it up: tokens/s per E and the step time relative to the first E,
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from bench.models import CONFIGS, build_hf, family  # noqa: E402  (shared with bench/decode.py)
+from mindformers_ext.counters import MOE_DROPPED, take  # noqa: E402
 
 OPTIM = dict(learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
 MAX_GRAD_NORM = 1.0
@@ -72,16 +74,18 @@ def time_torch(model, batches: list[np.ndarray], warmup: int) -> tuple[list[floa
     return times, losses
 
 
-def build_ours(hf_dir: str, seq: int, optimizer_type: str):
+def build_ours(hf_dir: str, seq: int, optimizer_type: str, capacity_factor: Optional[float] = None):
     """Our model with the HF weights, AdamW (MindFormers' registry, decay on matrices only, as the
-    Trainer groups it) and the portable train wrapper."""
+    Trainer groups it) and the portable train wrapper; ``capacity_factor``: a DeepSeek-V2 model's MoE
+    drops assignments over capacity (HF's, on the torch side, never does)."""
     import mindspore as ms
     from mindformers.core.optim import build_optim
 
     from mindformers_ext import load_hf_model
     from mindformers_ext.runner import PortableTrainOneStepCell  # also registers PortableAdamW
 
-    model = load_hf_model(hf_dir, use_past=False, dtype="float32", seq_length=seq)
+    extra = {} if capacity_factor is None else {"capacity_factor": capacity_factor}
+    model = load_hf_model(hf_dir, use_past=False, dtype="float32", seq_length=seq, **extra)
     model.set_train(True)
     params = model.trainable_params()
     groups = [{"params": [p for p in params if len(p.shape) > 1], "weight_decay": OPTIM["weight_decay"]},
@@ -128,9 +132,11 @@ def time_prefill(hf_dir: str, length: int, repeats: int = 3) -> float:
 
 
 def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int,
-          optimizer_type: str = "PortableAdamW", experts: Optional[int] = None, prefill_len: int = 1024) -> dict:
+          optimizer_type: str = "PortableAdamW", experts: Optional[int] = None, prefill_len: int = 1024,
+          capacity_factor: Optional[float] = None) -> dict:
     """One model's line; ``experts`` replaces a DeepSeek-V2 model's routed expert count (same top-k and
-    expert size) and adds our prefill seconds of a ``prefill_len``-token prompt."""
+    expert size) and adds our prefill seconds of a ``prefill_len``-token prompt; ``capacity_factor``:
+    our MoE drops assignments over capacity, and the line says which fraction it dropped."""
     import mindspore as ms
     import torch
 
@@ -144,8 +150,10 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
         params = sum(p.numel() for p in hf.parameters())
         torch_times, torch_loss = time_torch(hf, batches, warmup)
         del hf
-        ours = build_ours(hf_dir, seq, optimizer_type)
+        ours = build_ours(hf_dir, seq, optimizer_type, capacity_factor)
+        take(MOE_DROPPED)
         ms_times, compile_s, ms_loss = time_ours(ours, batches, warmup)
+        dropped = take(MOE_DROPPED)
         del ours
         prefill = {} if experts is None else {"mindspore_prefill_s": round(time_prefill(hf_dir, prefill_len), 4),
                                               "prefill_len": prefill_len}
@@ -153,6 +161,9 @@ def bench(name: str, batch: int, seq: int, steps: int, warmup: int, threads: int
     ms_tps = tokens / statistics.median(ms_times)
     torch_tps = tokens / statistics.median(torch_times)
     shape = {} if experts is None else {"experts": experts, "top_k": CONFIGS[name]["num_experts_per_tok"]}
+    if capacity_factor is not None:  # the losses then differ from torch's, which drops nothing
+        shape.update(capacity_factor=capacity_factor,
+                     dropped_fraction=round(float(dropped[0] / dropped[1]), 4) if dropped.size and dropped[1] else 0.0)
     return {"bench": "train", "model": name, **shape, "params_m": round(params / 1e6, 1), "batch": batch,
             "seq_length": seq,
             "timed_steps": steps, "threads": threads, "optimizer": optimizer_type,
@@ -179,11 +190,17 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", nargs="+", type=int, default=None, metavar="E",
                         help="MoE sweep: run each DeepSeek-V2 model once per routed expert count E (same top-k and "
                              "expert size) and print tokens/s per E")
+    parser.add_argument("--capacity_factor", type=float, default=None,
+                        help="DeepSeek-V2 models: our MoE drops assignments over capacity_factor x its fair share "
+                             "in training (upstream's moe_config.capacity_factor; torch's HF model drops none)")
     parser.add_argument("--prefill_len", type=int, default=1024,
                         help="with --experts: also time our prefill of one prompt of this many tokens")
     args = parser.parse_args(argv)
+    dense = [name for name in args.models if family(name) != "deepseek2"]
+    if args.capacity_factor is not None and dense:
+        parser.error(f"--capacity_factor applies to DeepSeek-V2 models (ds2-*); {', '.join(dense)} has no "
+                     "routed experts")
     if args.experts:
-        dense = [name for name in args.models if family(name) != "deepseek2"]
         if dense:
             parser.error(f"--experts sweeps DeepSeek-V2 models (ds2-*); {', '.join(dense)} has no routed experts")
         for name in args.models:
@@ -197,11 +214,11 @@ def main(argv=None) -> None:
     ms.set_device("CPU")
     for name in args.models:
         if not args.experts:
-            print(json.dumps(bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer)),
-                  flush=True)
+            print(json.dumps(bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer,
+                                   capacity_factor=args.capacity_factor)), flush=True)
             continue
         lines = [bench(name, args.batch, args.seq, args.steps, args.warmup, args.threads, args.optimizer, e,
-                       args.prefill_len) for e in args.experts]
+                       args.prefill_len, args.capacity_factor) for e in args.experts]
         for line in lines:
             print(json.dumps(line), flush=True)
         base = lines[0]

@@ -45,7 +45,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-__all__ = ["Change", "translate_config", "migrate_file", "upstream_family", "OBSOLETE_CALLBACKS"]
+__all__ = ["Change", "translate_config", "migrate_file", "upstream_family", "OBSOLETE_CALLBACKS", "MOE_CONFIG_FIELDS"]
 
 OBSOLETE_CALLBACKS = ("ObsMonitor",)
 _DEEPSEEK_VOCABS = (102400, 32256)
@@ -56,12 +56,12 @@ _OUR_MODULES = {
     "wizardcoder": "research.wizardcoder", "wizardcoder_config": "research.wizardcoder",
     "wizardcoder_tokenizer": "research.wizardcoder", "deepseek1_5": "research.deepseek1_5",
 }
-# moe_config key -> the model_config field it sets (research/deepseek2/deepseek2_config.py)
-_MOE_FIELDS = {"expert_num": "n_routed_experts", "shared_expert_num": "n_shared_experts",
-               "num_experts_chosen": "num_experts_per_tok", "moe_intermediate_size": "moe_intermediate_size",
-               "first_k_dense_replace": "first_k_dense_replace", "topk_method": "topk_method", "n_group": "n_group",
-               "topk_group": "topk_group", "routed_scaling_factor": "routed_scaling_factor",
-               "norm_topk_prob": "norm_topk_prob"}
+# upstream moe_config key -> the DeepSeek-V2 model_config field it sets (research/deepseek2/deepseek2_config.py)
+MOE_CONFIG_FIELDS = {"expert_num": "n_routed_experts", "shared_expert_num": "n_shared_experts",
+                     "num_experts_chosen": "num_experts_per_tok", "moe_intermediate_size": "moe_intermediate_size",
+                     "first_k_dense_replace": "first_k_dense_replace", "topk_method": "topk_method",
+                     "n_group": "n_group", "topk_group": "topk_group", "routed_scaling_factor": "routed_scaling_factor",
+                     "norm_topk_prob": "norm_topk_prob", "capacity_factor": "capacity_factor"}
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _pass_moe_config(raw: dict, family: Optional[str], changes: list) -> None:
     if int(moe.get("expert_num", 1) or 1) <= 1:
         return
     conflicts = [f"moe_config.{theirs} {moe[theirs]!r} vs model.model_config.{ours} {model_config[ours]!r}"
-                 for theirs, ours in _MOE_FIELDS.items()
+                 for theirs, ours in MOE_CONFIG_FIELDS.items()
                  if theirs in moe and ours in model_config and moe[theirs] != model_config[ours]]
     if "moe_config" not in model_config:
         model_config["moe_config"] = copy.deepcopy(moe)

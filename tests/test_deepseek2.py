@@ -368,3 +368,24 @@ def test_paged_cache_matches_contiguous_cache(tiny, variant):
     ours = tiny[variant][0]
     prompts = _prompts([5, 12, 9], seed=4)
     assert_paged_matches_contiguous(ours, prompts, tolerance=2e-5)
+
+
+def test_capacity_factor_comes_from_model_config_or_upstream_moe_config():
+    from mindformers.modules.transformer.moe import MoEConfig
+
+    from research.deepseek2.deepseek2 import RoutedExperts
+
+    upstream = dict(expert_num=32, num_experts_chosen=4, n_group=4, topk_group=2)
+    assert DeepseekV2Config(num_layers=2).capacity_factor is None  # ours: nothing dropped
+    # a moe_config section gets upstream MoEConfig's default, as a dict and as MindFormers' object
+    default = MoEConfig().capacity_factor
+    assert DeepseekV2Config(num_layers=2, moe_config=upstream).capacity_factor == default
+    assert DeepseekV2Config(num_layers=2, moe_config=MoEConfig(**upstream)).capacity_factor == default
+    assert DeepseekV2Config(num_layers=2, moe_config=dict(upstream, capacity_factor=2.0)).capacity_factor == 2.0
+    assert DeepseekV2Config(num_layers=2, capacity_factor=1.5, moe_config=dict(upstream, capacity_factor=2.0)
+                            ).capacity_factor == 1.5
+    with pytest.raises(ValueError, match=r"capacity_factor \(0\) must be > 0"):
+        DeepseekV2Config(num_layers=2, capacity_factor=0)
+    # model parallel runs every expert on every token: the factor cannot drop anything, and says so
+    with pytest.warns(UserWarning, match="capacity_factor 1.25: with expert / model parallel .* no token is dropped"):
+        RoutedExperts(8, 16, 12, top_k=2, capacity_factor=1.25).shard(1, 2)

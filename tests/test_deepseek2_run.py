@@ -127,3 +127,17 @@ def test_predict_matches_hf_generate(tmp_path):
         hf_new = hf[0, len(row["prompt_ids"]):].tolist()
         assert row["ids"] == hf_new, row["prompt"]
         assert row["text"] == hf_tok.decode(hf_new, skip_special_tokens=True)
+
+
+def test_finetune_with_capacity_factor_logs_the_dropped_assignments(tmp_path):
+    """capacity_factor 1 (upstream's moe_config key): each step routes batch 2 x 32 tokens x top-2 = 128
+    assignments through the MoE layer; those over an expert's capacity are dropped, counted and logged."""
+    data = _mindrecord(tmp_path / "train.mindrecord", samples=8, seq_length=32)
+    out = _run("--config", FINETUNE_TINY, "--run_mode", "finetune", "--model.model_config.vocab_size", "512",
+               "--model.model_config.capacity_factor", "1.0", "--train_data", data,
+               "--output_dir", str(tmp_path / "out"), "--epochs", "1", cwd=tmp_path)
+    logged = re.findall(r"MoE capacity_factor: dropped (\d+) of (\d+) routed token-expert assignments "
+                        r"\(([0-9.]+)%\) in steps (\d+)-(\d+)", out)
+    assert [(int(first), int(last)) for *_, first, last in logged] == [(s, s) for s in range(1, 5)], out[-3000:]
+    assert all(int(routed) == 128 and 0 < int(dropped) < 128 for dropped, routed, *_ in logged), logged
+    assert len([float(m.group(2)) for m in LOSS.finditer(out)]) == 4

@@ -14,6 +14,7 @@ from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
 __all__ = ["run_train", "run_eval", "DataError", "check_record_lengths", "dataset_files", "LoadWeightsAtTrainBegin",
+           "MoEDropMonitor",
            "install_portable_barrier", "StepCheckpointMonitor", "run_checkpoints", "choose_resume_checkpoint"]
 
 # records read per data file by the start-up length check (preprocessors write one fixed length)
@@ -108,6 +109,36 @@ class LoadWeightsAtTrainBegin(Callback):
         self.files = load_checkpoint_into(network, self.source, self.rank_id, "load_checkpoint")
         logger.info("load_checkpoint: %s loaded into %s on this rank before the first step", ", ".join(self.files),
                     type(network).__name__)
+
+
+class MoEDropMonitor(Callback):
+    """Logs, every ``interval`` steps, how many token-expert assignments the capacity-limited MoE layers
+    dropped (``capacity_factor``, see research/deepseek2/deepseek2.py) out of all they routed."""
+
+    def __init__(self, interval: int = 1) -> None:
+        super().__init__()
+        self.interval = max(1, int(interval))
+        self.since = 1
+
+    def on_train_step_end(self, run_context) -> None:
+        from mindformers_ext.counters import MOE_DROPPED, take  # pylint: disable=import-outside-toplevel
+
+        step = run_context.original_args().cur_step_num
+        if step % self.interval:
+            return
+        counts = take(MOE_DROPPED)
+        if counts.size and counts[1]:
+            logger.info("MoE capacity_factor: dropped %d of %d routed token-expert assignments (%.2f%%) in steps "
+                        "%d-%d", counts[0], counts[1], 100.0 * counts[0] / counts[1], self.since, step)
+        self.since = step + 1
+
+
+def _loss_print_interval(config: MindFormerConfig) -> int:
+    """``per_print_times`` of the YAML's MFLossMonitor callback (1 without one)."""
+    for callback in config.get("callbacks") or []:
+        if isinstance(callback, dict) and callback.get("type") == "MFLossMonitor":
+            return int(callback.get("per_print_times") or 1)
+    return 1
 
 
 def _newest_first(paths: list[str]) -> list[str]:
@@ -311,7 +342,7 @@ def run_train(config: MindFormerConfig) -> Any:
     from mindformers_ext.runner.config import full_copy_layout
 
     check_record_lengths(config, "train_dataset")
-    callbacks = []
+    callbacks: list = [MoEDropMonitor(_loss_print_interval(config))]
     source = config.get("load_checkpoint")
     if config.get("use_parallel"):
         install_portable_barrier()
@@ -325,7 +356,7 @@ def run_train(config: MindFormerConfig) -> Any:
     upstream = registry["CheckpointMonitor"]
     registry["CheckpointMonitor"] = StepCheckpointMonitor
     try:
-        trainer = Trainer(config, callbacks=callbacks or None)
+        trainer = Trainer(config, callbacks=callbacks)
         return trainer.train()
     finally:
         registry["CheckpointMonitor"] = upstream

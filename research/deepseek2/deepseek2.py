@@ -31,7 +31,8 @@ The sequence-level balance loss (``seq_aux``) is ``alpha * mean_b sum_e f_be P_b
 without ``seq_aux`` the same over all tokens at once.
 
 Expert weights are stacked, one tensor per projection: w1 / w3 (E, inter, hidden), w2 (E, hidden,
-inter) in HF's [out, in] layout per expert. Three exact computations (no token is ever dropped):
+inter) in HF's [out, in] layout per expert. Three exact computations (no token is ever dropped), and
+a capacity-limited one for training:
 
 * training, prefill (token dispatch): with ``A = N * k`` assignments and ``c = ceil(A / E)``, each
   expert's first ``c`` assignments go to its row block of an (E, c, hidden) layout multiplied by the
@@ -52,7 +53,15 @@ inter) in HF's [out, in] layout per expert. Three exact computations (no token i
   weights, so every expert runs on the N tokens reading its weights in place (the all-experts form
   above; ds2-moe-150m at batch 8, E 16, k 4: 123 -> 50 ms per step). That choice is made when the
   graph is compiled, so only in static-shape decode graphs (``cache_implementation="static"``, the
-  serving engine's buckets); a dynamic-shape graph always gathers.
+  serving engine's buckets); a dynamic-shape graph always gathers;
+* training with ``capacity_factor`` (upstream MindFormers' ``moe_config.capacity_factor``): each expert
+  takes at most ``cap = min(N, ceil(capacity_factor * N * k / E))`` assignments, first choices of all
+  tokens before second choices, each group in token order (upstream's priority); the rest are
+  dropped: they add nothing, the token keeps its shared experts and the residual. One (E, cap, hidden)
+  layout times the stacked weights in place, ``E * cap`` rows and no weight copy. It runs when that is
+  fewer rows than the exact dispatch above computes (about ``2 N k``), i.e. for factors below about
+  2; otherwise the exact dispatch runs, which drops nothing. The dropped and routed assignment counts
+  go to a counter (:mod:`mindformers_ext.counters`) that training logs. Inference never drops.
 
 W8A16 (:meth:`RoutedExperts.quantize_w8a16`) stores the stacked weights as int8 with one float32
 scale per expert and output feature (``w1_scale`` / ``w3_scale`` (E, inter), ``w2_scale`` (E, hidden));
@@ -66,6 +75,7 @@ layers' sequence-level balance loss (``aux_loss_alpha``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import mindspore as ms
@@ -75,6 +85,7 @@ from mindspore.common.initializer import Normal, initializer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.cache import CacheSpec, CachedTensor
+from mindformers_ext.counters import COUNTERS, MOE_DROPPED, new_counter
 from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryDecoderModel, RotaryEmbedding, SwiGLU,
                                     ms_dtype)
 from mindformers_ext.layers.rotary import ApplyRotary
@@ -311,10 +322,14 @@ class RoutedExperts(ShardedCell):
     W8A16_WEIGHTS = ("w1", "w2", "w3")  # what quantize_w8a16 turns into int8 (+ "<name>_scale")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, compute_dtype: str = "float32",
-                 param_init_type: str = "float32", init_std: float = 0.02, top_k: int = 1) -> None:
+                 param_init_type: str = "float32", init_std: float = 0.02, top_k: int = 1,
+                 capacity_factor: Optional[float] = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.top_k = top_k  # experts per token (the decode path gathers that many per token)
+        self.capacity_factor = capacity_factor  # training only (module docstring); None: never drop
+        # (dropped, routed) assignments of the capacity-limited dispatch
+        self.dropped_key = new_counter(MOE_DROPPED, 2) if capacity_factor is not None else None
         dtype = ms_dtype(param_init_type)
         self.compute_dtype = ms_dtype(compute_dtype)
         self.w1 = Parameter(initializer(Normal(sigma=init_std), [num_experts, intermediate_size, hidden_size], dtype),
@@ -366,6 +381,9 @@ class RoutedExperts(ShardedCell):
             raise ParallelCheckError(problems)
         self.token_dispatch = ep == 1 and mp == 1 and ms.get_auto_parallel_context("parallel_mode") not in (
             "semi_auto_parallel", "auto_parallel")
+        if not self.token_dispatch and self.capacity_factor is not None:
+            warnings.warn(f"capacity_factor {self.capacity_factor}: with expert / model parallel (ep {ep}, mp {mp}) "
+                          "every expert runs on every token, so no token is dropped", stacklevel=2)
         tokens_dp = dp // ep
         e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
         x_all = (e, "B*S", h)
@@ -387,6 +405,9 @@ class RoutedExperts(ShardedCell):
     def construct(self, x, indices, weights):
         """x (N, hidden), chosen experts ``indices`` (N, k) with their ``weights`` (N, k) -> (N, hidden)."""
         if self.token_dispatch:
+            cap = self._capacity(*indices.shape) if self.training else None
+            if cap is not None:
+                return self._capacity_limited(x, indices, weights, cap)
             return self._dispatched(x, indices, weights)
         chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
         return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
@@ -422,6 +443,40 @@ class RoutedExperts(ShardedCell):
         out = ops.reshape(ops.concat((main, extra), 0), ((e + spill) * cap, self.hidden_size))
         out = ops.gather(out, dest, 0) * self.cast(ops.reshape(weights, (assignments, 1)), self.compute_dtype)
         return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
+
+    def _capacity(self, n, k):
+        """Rows per expert of the capacity-limited dispatch for ``n`` tokens, or None where it does not
+        apply (no ``capacity_factor``, shapes unknown at compile time, or no fewer rows than the exact
+        dispatch)."""
+        if self.capacity_factor is None or F.is_sequence_value_unknown((n, k)):
+            return None
+        e, assignments = self.num_experts, n * k
+        cap = min(n, int(-(-self.capacity_factor * assignments // e)))
+        block = (assignments + e - 1) // e
+        exact_rows = (e + (assignments - 1) // block + 1) * block
+        return cap if e * cap < exact_rows else None
+
+    def _capacity_limited(self, x, indices, weights, cap):
+        """Each expert's first ``cap`` assignments (first choices first), the rest dropped and counted."""
+        n, k = indices.shape
+        e = self.num_experts
+        assignments = n * k
+        flat = ops.reshape(ops.transpose(indices, (1, 0)), (assignments,))  # choice-major: (k, n)
+        onehot = ops.one_hot(flat, e, ops.ones((), ms.int32), ops.zeros((), ms.int32))  # (A, E)
+        rank = (ops.cumsum(onehot, 0) * onehot).sum(-1) - 1
+        kept = rank < cap
+        dest = ops.select(kept, flat * cap + rank, ops.full_like(flat, e * cap))  # dropped: one spare row
+        x = self.cast(x, self.compute_dtype)
+        layout = ops.tensor_scatter_update(ops.zeros((e * cap + 1, self.hidden_size), x.dtype),
+                                           ops.expand_dims(dest, -1), ops.tile(x, (k, 1)))
+        out = self._swiglu(ops.reshape(layout[:e * cap], (e, cap, self.hidden_size)),
+                           (self.gate_all, self.up_all, self.down_all), self.w1, self.w3, self.w2)
+        out = ops.concat((ops.reshape(out, (e * cap, self.hidden_size)), ops.zeros((1, self.hidden_size), x.dtype)))
+        routing = ops.reshape(ops.transpose(weights, (1, 0)), (assignments, 1))
+        out = ops.gather(out, dest, 0) * self.cast(routing, self.compute_dtype)
+        dropped = assignments - kept.astype(ms.int64).sum()
+        ops.assign_add(COUNTERS[self.dropped_key], ops.stack((dropped, dropped * 0 + assignments)))
+        return ops.reshape(out, (k, n, self.hidden_size)).sum(0)
 
     def _swiglu(self, xb, matmuls, w1, w3, w2, owner=None):
         """Blocks ``xb`` (blocks, rows, hidden) through SwiGLU experts whose weights w1, w3, w2 line up
@@ -487,14 +542,16 @@ class DeepSeekMoE(ShardedCell):
                  n_shared_experts: Optional[int], topk_method: str = "greedy", n_group: Optional[int] = None,
                  topk_group: Optional[int] = None, routed_scaling_factor: float = 1.0, norm_topk_prob: bool = False,
                  aux_loss_alpha: float = 0.0, seq_aux: bool = True, compute_dtype: str = "float32",
-                 param_init_type: str = "float32", router_dense_type: str = "float32", init_std: float = 0.02) -> None:
+                 param_init_type: str = "float32", router_dense_type: str = "float32", init_std: float = 0.02,
+                 capacity_factor: Optional[float] = None) -> None:
         super().__init__()
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.aux_loss_alpha, self.seq_aux = float(aux_loss_alpha), bool(seq_aux)
         common = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
         self.router = TopKRouter(hidden_size, num_experts, top_k, topk_method, n_group, topk_group,
                                  routed_scaling_factor, norm_topk_prob, router_dense_type, param_init_type, init_std)
-        self.ffn = RoutedExperts(num_experts, hidden_size, moe_intermediate_size, top_k=top_k, **common)
+        self.ffn = RoutedExperts(num_experts, hidden_size, moe_intermediate_size, top_k=top_k,
+                                 capacity_factor=capacity_factor, **common)
         self.has_shared = bool(n_shared_experts)
         if self.has_shared:
             self.shared_experts = SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts, False, **common)
@@ -547,7 +604,7 @@ class DeepseekV2MoE(DeepSeekMoE):
                          config.topk_group, config.routed_scaling_factor, config.norm_topk_prob,
                          config.aux_loss_alpha, config.seq_aux, compute_dtype=config.compute_dtype,
                          param_init_type=config.param_init_type, router_dense_type=config.router_dense_type,
-                         init_std=config.initializer_range)
+                         init_std=config.initializer_range, capacity_factor=config.capacity_factor)
 
 
 class DeepseekV2Attention(MultiLatentAttention):

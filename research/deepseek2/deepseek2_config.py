@@ -16,23 +16,19 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.layers.rotary import yarn_get_mscale
 from mindformers_ext.models.base_config import CausalLMConfigBase, canonical_dtype, rotary_dtype_field
+from mindformers_ext.upstream import MOE_CONFIG_FIELDS
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 EXTEND_METHODS = ("None", "YARN")
 
-# MoE fields, their DeepSeek-V2 (236B) defaults, and the upstream moe_config key each one reads.
+# MoE fields and their DeepSeek-V2 (236B) defaults (MOE_CONFIG_FIELDS: the upstream moe_config key of each).
 MOE_DEFAULTS: dict[str, Any] = dict(
     n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1536,
     first_k_dense_replace=1, moe_layer_freq=1, topk_method="group_limited_greedy", n_group=8, topk_group=3,
     routed_scaling_factor=16.0, norm_topk_prob=False, aux_loss_alpha=0.003, seq_aux=True,
 )
-_UPSTREAM_MOE_KEYS = {
-    "expert_num": "n_routed_experts", "shared_expert_num": "n_shared_experts",
-    "num_experts_chosen": "num_experts_per_tok", "moe_intermediate_size": "moe_intermediate_size",
-    "first_k_dense_replace": "first_k_dense_replace", "topk_method": "topk_method", "n_group": "n_group",
-    "topk_group": "topk_group", "routed_scaling_factor": "routed_scaling_factor",
-    "norm_topk_prob": "norm_topk_prob",
-}
+# upstream MoEConfig's capacity_factor where a moe_config section leaves it out (ours: unset, no drops)
+UPSTREAM_CAPACITY_FACTOR = 1.1
 
 _YARN_236B = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
                   mscale=0.707, mscale_all_dim=0.707)
@@ -69,7 +65,8 @@ def _moe_source(moe_config: Any) -> dict[str, Any]:
     get = moe_config.get if isinstance(moe_config, dict) else lambda k, d=None: getattr(moe_config, k, d)
     if int(get("expert_num", 1) or 1) <= 1:
         return {}
-    out = {ours: get(theirs) for theirs, ours in _UPSTREAM_MOE_KEYS.items() if get(theirs) is not None}
+    out = {ours: get(theirs) for theirs, ours in MOE_CONFIG_FIELDS.items() if get(theirs) is not None}
+    out.setdefault("capacity_factor", UPSTREAM_CAPACITY_FACTOR)
     if isinstance(out.get("first_k_dense_replace"), bool):  # upstream's MoEConfig default is True
         out.pop("first_k_dense_replace")
     types, factors = list(get("aux_loss_types") or []), list(get("aux_loss_factors") or [])
@@ -98,6 +95,9 @@ class DeepseekV2Config(CausalLMConfigBase):
     ``extend_method`` "None" or "YARN" with ``scaling_factor`` = {factor,
     original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim} (DeepSeek's
     ``rope_scaling``). MoE: see ``MOE_DEFAULTS``; ``n_routed_experts=None`` makes every layer dense.
+    ``capacity_factor`` (training only): each expert takes at most ``ceil(capacity_factor * tokens * k /
+    E)`` assignments of a step's tokens and the rest are dropped and logged, as upstream MindFormers'
+    MoE does; unset, nothing is dropped. A ``moe_config`` section without it gets upstream's 1.1.
     """
 
     model_type = "deepseek_v2_ms"
@@ -137,6 +137,7 @@ class DeepseekV2Config(CausalLMConfigBase):
                  norm_topk_prob: Optional[bool] = None,
                  aux_loss_alpha: Optional[float] = None,
                  seq_aux: Optional[bool] = None,
+                 capacity_factor: Optional[float] = None,
                  scoring_func: str = "softmax",
                  moe_config: Any = None,
                  bos_token_id: int = 100000,
@@ -188,7 +189,8 @@ class DeepseekV2Config(CausalLMConfigBase):
                         moe_intermediate_size=moe_intermediate_size, first_k_dense_replace=first_k_dense_replace,
                         moe_layer_freq=moe_layer_freq, topk_method=topk_method, n_group=n_group,
                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-                        norm_topk_prob=norm_topk_prob, aux_loss_alpha=aux_loss_alpha, seq_aux=seq_aux)
+                        norm_topk_prob=norm_topk_prob, aux_loss_alpha=aux_loss_alpha, seq_aux=seq_aux,
+                        capacity_factor=capacity_factor)
         if n_routed_experts != -1:  # -1: not given (None means a dense model)
             explicit["n_routed_experts"] = n_routed_experts
         self._explicit_moe = {k: v for k, v in explicit.items() if v is not None or k == "n_routed_experts"}
@@ -205,7 +207,7 @@ class DeepseekV2Config(CausalLMConfigBase):
         Called again by the model when MindFormers' Trainer sets ``config.moe_config`` after the
         config was built.
         """
-        resolved = dict(MOE_DEFAULTS)
+        resolved = dict(MOE_DEFAULTS, capacity_factor=None)
         resolved.update(_moe_source(moe_config))
         resolved.update(getattr(self, "_explicit_moe", {}))
         for key, value in resolved.items():
@@ -224,6 +226,8 @@ class DeepseekV2Config(CausalLMConfigBase):
         if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..n_routed_experts "
                              f"({self.n_routed_experts})")
+        if self.capacity_factor is not None and not float(self.capacity_factor) > 0:
+            raise ValueError(f"capacity_factor ({self.capacity_factor}) must be > 0 (or unset: no token dropped)")
         if self.moe_layer_freq < 1:
             raise ValueError(f"moe_layer_freq ({self.moe_layer_freq}) must be >= 1")
         if self.topk_method == "group_limited_greedy":
