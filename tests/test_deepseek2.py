@@ -389,3 +389,34 @@ def test_capacity_factor_comes_from_model_config_or_upstream_moe_config():
     # model parallel runs every expert on every token: the factor cannot drop anything, and says so
     with pytest.warns(UserWarning, match="capacity_factor 1.25: with expert / model parallel .* no token is dropped"):
         RoutedExperts(8, 16, 12, top_k=2, capacity_factor=1.25).shard(1, 2)
+
+
+def test_eval_loss_is_the_cross_entropy_alone(tiny):
+    """run_mode eval's loss: DeepSeek's cross-entropy, without the balance loss training adds and without
+    the drops a capacity_factor makes in training (here 0.5: half the fair share per expert)."""
+    from mindformers_ext.counters import COUNTERS
+    from mindformers_ext.hf_loader import build_from_hf_config
+    from mindformers_ext.runner.train import loss_without_training_behaviour
+
+    ours, state, cfg, _ = tiny["full"]
+    ids = np.array(_prompts([15, 15], seed=8), dtype=np.int32)
+    labels = ids.copy()
+    labels[:, :3] = -100
+    logits, aux = reference_forward(state, cfg, ids[:, :-1], with_aux=True)
+    assert aux > 0.0
+    losses, counts = [], []
+    for mode in ("train", "eval"):  # a model each: a compiled graph keeps the modes it was compiled in
+        model = build_from_hf_config(cfg, capacity_factor=0.5)[0]
+        ms.load_param_into_net(model, dict(ours.parameters_and_names()), strict_load=True)
+        if mode == "train":
+            model.set_train(True)
+        else:
+            loss_without_training_behaviour(model)
+        losses.append(float(model(ms.Tensor(ids), ms.Tensor(labels)).asnumpy()))
+        counts.append(sum(COUNTERS[cell.dropped_key].asnumpy() for _, cell in model.cells_and_names()
+                          if getattr(cell, "dropped_key", None)))
+    expected = cross_entropy(logits, labels[:, 1:])
+    assert losses[1] == pytest.approx(expected, abs=1e-5)
+    np.testing.assert_array_equal(counts[1], [0, 0])
+    # the same weights in training: assignments dropped and the balance loss added
+    assert counts[0][0] > 0 and abs(losses[0] - (expected + aux)) > 1e-4

@@ -362,14 +362,22 @@ def run_train(config: MindFormerConfig) -> Any:
         registry["CheckpointMonitor"] = upstream
 
 
+def loss_without_training_behaviour(network) -> None:
+    """Put a causal LM in the mode evaluation reads its loss in: the training-mode ``construct`` (the
+    shifted, -100-masked cross-entropy) over a decoder stack in inference mode, so that nothing only
+    training does enters the loss: no MoE balance loss is added and no capacity_factor drops tokens."""
+    network.set_train(True)
+    network.model.set_train(False)
+
+
 def run_eval(config: MindFormerConfig) -> dict:
     """Mean token loss and perplexity of ``load_checkpoint`` on ``eval_dataset``.
 
     MindFormers' ``Trainer.evaluate`` feeds ``PerplexityMetric`` with the (logits, tokens, mask)
     triple that its own Llama returns in eval mode; our models return logits only. So the loss is
-    computed here with the model's training-mode forward (the same shifted, -100-masked
-    cross-entropy as in training; our models have no dropout), averaged over batches as
-    ``PerplexityMetric`` does. Written to ``output_dir/eval_results.json`` and returned.
+    computed here with the model's training-mode forward over layers in inference mode (the same
+    shifted, -100-masked cross-entropy as in training, without the MoE balance loss or capacity
+    drops; our models have no dropout), averaged over batches as ``PerplexityMetric`` does. Written to ``output_dir/eval_results.json`` and returned.
     """
     # pylint: disable=import-outside-toplevel
     from mindformers.dataset import build_dataset
@@ -391,7 +399,7 @@ def run_eval(config: MindFormerConfig) -> dict:
     dataset = build_dataset(config.eval_dataset_task)
     network = build_network(config.model)
     load_weights(network, config.load_checkpoint, int(config.get("rank_id") or 0))
-    network.set_train(True)  # the loss path of construct; no gradients are taken
+    loss_without_training_behaviour(network)
     losses = [float(network(*batch).asnumpy()) for batch in dataset.create_tuple_iterator()]
     if not losses:
         raise ValueError(f"{path}: the eval dataset gave no batch")
