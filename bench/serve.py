@@ -3,12 +3,15 @@ same requests one at a time, on the same server (``tools/serve.py`` started as i
 127.0.0.1, as a deployment runs it; the official openai client in this process).
 
 Prints JSON lines:
-  {"mode": "one_at_a_time", ...}   each request alone on an idle server: tokens/s, TTFT and inter-token
-                                   latency p50 / p99
+  {"mode": "one_at_a_time", ...}   each request alone, sent as the one before ends: tokens/s, TTFT and
+                                   inter-token latency p50 / p99
+  {"mode": "idle", ...}            each request alone after --idle_pause seconds of an idle server: TTFT
   {"mode": "concurrent", ...}      the same requests sent at once (throughput)
   {"mode": "poisson", ...}         the same requests arriving at --rate per second (latency under load)
   {"mode": "summary", ...}         concurrent / one-at-a-time tokens per second; Poisson p99 TTFT / idle
-                                   p50 TTFT; texts identical to the one-at-a-time ones; requests lost
+                                   p50 TTFT (and / one-at-a-time p50 TTFT, whose server has just finished
+                                   the request before); texts identical to the one-at-a-time ones;
+                                   requests lost
   {"mode": "memory", ...}          the server's resident memory at the start, half way and the end of
                                    --memory_requests short requests, and free KV blocks after (from
                                    /metrics; a leak shows as growth in both halves or missing blocks)
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--poisson_requests", type=int, default=64,
                    help="requests of the Poisson run (the --requests prompts in turn; enough for a p99)")
     p.add_argument("--max_num_seqs", type=int, default=16)
+    p.add_argument("--idle_pause", type=float, default=0.5,
+                   help="seconds the server idles before each request of the idle run")
     p.add_argument("--memory_requests", type=int, default=1000, help="short requests for the leak check (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -159,6 +164,13 @@ async def _bench(args, url: str, pid: int, base: str) -> int:
     start = time.monotonic()
     alone = [await _stream(client, name, prompt, args.max_tokens) for prompt in prompts]
     one = _report("one_at_a_time", alone, time.monotonic() - start)
+    idle, busy = [], 0.0
+    for prompt in prompts:  # tokens/s over the requests' own time, the pauses left out
+        await asyncio.sleep(args.idle_pause)
+        sent = time.monotonic()
+        idle.append(await _stream(client, name, prompt, args.max_tokens))
+        busy += time.monotonic() - sent
+    idle_line = _report("idle", idle, busy, pause_s=args.idle_pause)
 
     together = await _concurrently(client, name, prompts, args.max_tokens, [time.monotonic() + 0.05] * len(prompts))
     conc = _report("concurrent", together[0], together[1], max_num_seqs=args.max_num_seqs)
@@ -171,8 +183,9 @@ async def _bench(args, url: str, pid: int, base: str) -> int:
     texts = [a[0] for a in alone]
     print(json.dumps({"bench": "serve", "mode": "summary",
                       "throughput_ratio": round(conc["tokens_per_second"] / one["tokens_per_second"], 2),
-                      "ttft_p99_loaded_over_p50_idle": round(loaded["ttft_p99"] / one["ttft_p50"], 2),
-                      "same_text_as_alone": texts == [r[0] for r in together[0]]
+                      "ttft_p99_loaded_over_p50_idle": round(loaded["ttft_p99"] / idle_line["ttft_p50"], 2),
+                      "ttft_p99_loaded_over_p50_one_at_a_time": round(loaded["ttft_p99"] / one["ttft_p50"], 2),
+                      "same_text_as_alone": texts == [r[0] for r in together[0]] == [r[0] for r in idle]
                       and [texts[i % len(texts)] for i in range(count)] == [r[0] for r in poisson[0]],
                       "lost": args.requests + count - len(together[0]) - len(poisson[0])}), flush=True)
 
