@@ -14,8 +14,8 @@ from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
 __all__ = ["run_train", "run_eval", "DataError", "check_record_lengths", "dataset_files", "LoadWeightsAtTrainBegin",
-           "MoEDropMonitor",
-           "install_portable_barrier", "StepCheckpointMonitor", "run_checkpoints", "choose_resume_checkpoint"]
+           "MoEDropMonitor", "loss_without_training_behaviour", "install_portable_barrier", "StepCheckpointMonitor",
+           "run_checkpoints", "choose_resume_checkpoint"]
 
 # records read per data file by the start-up length check (preprocessors write one fixed length)
 RECORDS_CHECKED = 1024
@@ -377,7 +377,8 @@ def run_eval(config: MindFormerConfig) -> dict:
     triple that its own Llama returns in eval mode; our models return logits only. So the loss is
     computed here with the model's training-mode forward over layers in inference mode (the same
     shifted, -100-masked cross-entropy as in training, without the MoE balance loss or capacity
-    drops; our models have no dropout), averaged over batches as ``PerplexityMetric`` does. Written to ``output_dir/eval_results.json`` and returned.
+    drops; our models have no dropout), averaged over batches as ``PerplexityMetric`` does. Written
+    to ``output_dir/eval_results.json`` and returned.
     """
     # pylint: disable=import-outside-toplevel
     from mindformers.dataset import build_dataset
