@@ -197,6 +197,19 @@ def compare(expected: Mapping, index: Mapping) -> MatchReport:
     return report
 
 
+def _fused_in_place_of_parts(report: MatchReport) -> bool:
+    """Whether the checkpoint holds a fused projection where the model expects its parts: a ``FUSED_PROJECTIONS``
+    tensor the model lacks beside a missing one of the same cell's parent (``...attention.w_qkv.weight`` and
+    ``...attention.wq.weight``); a checkpoint of another family is no qkv_concat one."""
+    parents = {name.rsplit(".", 2)[0] for name in report.missing}
+    for name in report.unexpected:
+        if name.count(".") >= 2:
+            parent, cell, _ = name.rsplit(".", 2)
+            if cell in FUSED_PROJECTIONS and parent in parents:
+                return True
+    return False
+
+
 def _newest_first(paths: Iterable[str]) -> list:
     return sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True)
 
@@ -294,8 +307,7 @@ def select_checkpoint(path: str, expected: Mapping, rank_id: int = 0, what: str 
                             _label(group), len(groups), model)
             return list(group)
         extra_only = extra_only or report.fits
-        fused = fused or any(part in FUSED_PROJECTIONS
-                             for name in report.unexpected for part in name.split(".")[:-1])
+        fused = fused or _fused_in_place_of_parts(report)
         reasons.append((group, report.describe(len(expected))))
     hint = "; to load it without the weights the model lacks, pass --strict_load False" if extra_only else ""
     if fused:

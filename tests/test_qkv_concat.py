@@ -79,6 +79,12 @@ def test_fused_model_loads_split_and_fused_checkpoints(gqa, tmp_path):
     unfused = DeepSeekCoderForCausalLM(type(fused.config)(**{**fields, "qkv_concat": False}))
     with pytest.raises(CheckpointError, match=r"fused projections .*set model_config\.qkv_concat: True"):
         load_checkpoint_into(unfused, fused_ckpt)
+    # fused names where the model expects nothing of theirs (another model's checkpoint): no such hint
+    other = {k.replace("model.", "transformer.", 1): v for k, v in ms.load_checkpoint(fused_ckpt).items()}
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in other.items()], str(tmp_path / "other.ckpt"))
+    with pytest.raises(CheckpointError, match=r"transformer\.layers\.0") as refused:
+        load_checkpoint_into(unfused, str(tmp_path / "other.ckpt"))
+    assert "qkv_concat" not in str(refused.value)
     partial = {k: v for k, v in ms.load_checkpoint(split_ckpt).items() if k != "model.layers.1.attention.wv.weight"}
     ms.save_checkpoint([{"name": k, "data": v} for k, v in partial.items()], str(tmp_path / "partial.ckpt"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.attention\.wv\.weight"):
