@@ -27,8 +27,6 @@ MOE_DEFAULTS: dict[str, Any] = dict(
     first_k_dense_replace=1, moe_layer_freq=1, topk_method="group_limited_greedy", n_group=8, topk_group=3,
     routed_scaling_factor=16.0, norm_topk_prob=False, aux_loss_alpha=0.003, seq_aux=True,
 )
-# upstream MoEConfig's capacity_factor where a moe_config section leaves it out (ours: unset, no drops)
-UPSTREAM_CAPACITY_FACTOR = 1.1
 
 _YARN_236B = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
                   mscale=0.707, mscale_all_dim=0.707)
@@ -66,7 +64,8 @@ def _moe_source(moe_config: Any) -> dict[str, Any]:
     if int(get("expert_num", 1) or 1) <= 1:
         return {}
     out = {ours: get(theirs) for theirs, ours in MOE_CONFIG_FIELDS.items() if get(theirs) is not None}
-    out.setdefault("capacity_factor", UPSTREAM_CAPACITY_FACTOR)
+    if "capacity_factor" not in out:  # a section without it has upstream MoEConfig's default (ours: no drops)
+        out["capacity_factor"] = _as_moe_config({}).capacity_factor
     if isinstance(out.get("first_k_dense_replace"), bool):  # upstream's MoEConfig default is True
         out.pop("first_k_dense_replace")
     types, factors = list(get("aux_loss_types") or []), list(get("aux_loss_factors") or [])
