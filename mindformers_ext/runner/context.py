@@ -1,12 +1,13 @@
 """MindSpore / MindFormers context set-up for a run (build it once, before anything asks for it)."""
 from __future__ import annotations
 
+import gc
 import os
 
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerConfig
 
-__all__ = ["ensure_context"]
+__all__ = ["ensure_context", "freeze_gc_heap"]
 
 
 def ensure_context(config: MindFormerConfig) -> None:
@@ -41,3 +42,16 @@ def ensure_context(config: MindFormerConfig) -> None:
                            current, wanted)
         return
     build_context(config)
+
+
+def freeze_gc_heap() -> None:
+    """Collect, then put every object alive now out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    MindSpore runs a full ``gc.collect()`` before it compiles each graph. With MindSpore and MindFormers
+    imported that walks about 580k objects (with torch and transformers too): 0.25 s per graph on one
+    CPU core, about a sixth of compiling a small model's graph. After this call those collections walk
+    only the objects made since. Frozen objects are never freed as cycles, so call it once the process's
+    long-lived objects (modules, the model) exist: before the first graph compiles.
+    """
+    gc.collect()
+    gc.freeze()

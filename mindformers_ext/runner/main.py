@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     register()  # PortableTrainOneStepCell and PortableAdamW in MindFormers' registry
     from mindformers.tools.logger import logger
     from mindformers_ext.runner.config import ConfigError, adapt_to_device, build_config, check_types
-    from mindformers_ext.runner.context import ensure_context
+    from mindformers_ext.runner.context import ensure_context, freeze_gc_heap
     from mindformers_ext.checkpoint import set_strict_load
 
     set_strict_load(args.strict_load)
@@ -84,6 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"inference), not {config.run_mode}", file=sys.stderr)
         return 2
     ensure_context(config)
+    freeze_gc_heap()  # the imports' objects: every graph compile below starts with a full collection
     from mindformers_ext.checkpoint import CheckpointError
     from mindformers_ext.runner.train import DataError
 

@@ -5,6 +5,7 @@ import os
 from typing import Any, Optional
 
 from mindformers_ext.generation.sampling import SamplingParams
+from mindformers_ext.runner.context import freeze_gc_heap
 from mindformers_ext.serving.api import ServedModel, build_app
 from mindformers_ext.serving.engine import Engine
 
@@ -59,7 +60,10 @@ def sampling_defaults(config: Any) -> SamplingParams:
 
 def serve_app(model: Any, tokenizer: Any, name: str, family: str, warmup: bool = True, **engine_kwargs: Any):
     """The FastAPI app serving ``model``; ``warmup`` compiles the prefill and decode graphs first, so
-    the first request does not wait for them."""
+    the first request does not wait for them. The process's objects so far (the imports, the model)
+    are frozen out of the garbage collector's reach: the collections before each graph compile and
+    while serving skip them (:func:`~mindformers_ext.runner.context.freeze_gc_heap`)."""
+    freeze_gc_heap()
     engine = Engine(model, tokenizer, **engine_kwargs)
     if warmup:
         engine.warmup(log=lambda line: print(line, flush=True))
