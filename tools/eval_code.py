@@ -164,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.max_new_tokens = _fit_max_new_tokens(
             args, problems, [build_prompt(p, args.task, style, fewshot) for p in problems])
         generate_fn = _build_generate_fn(args, stop_strings(args.task, style), build_generator)
+        from mindformers_ext.runner.context import freeze_gc_heap
+        freeze_gc_heap()  # the model and the imports, before the generation graphs compile
     summary = run_eval(
         args.task, problems, args.output, generate_fn, n_samples=args.n_samples,
         prompt_style=style, fewshot=fewshot, timeout=args.timeout,
