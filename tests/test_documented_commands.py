@@ -20,8 +20,10 @@ variant in the document, and the full one carries the marker.
 Tiers: the default tier (:data:`DEFAULT`) runs the conversion, preprocessing and checking tools once;
 every other runnable command (predict, export, eval, msrun, finetuning, benchmarks, more conversions)
 is marked slow and runs with ``-m slow``.
-The default tier only uses outputs of earlier default-tier commands; a slow command first runs the
-earlier commands of its document that have not run yet (so ``-m slow`` alone works). Commands that
+The default tier only uses outputs of earlier default-tier commands, and a default command first runs
+those of them that have not run in its process yet (pytest-xdist may hand the commands of one document
+to different workers); a slow command first runs all the earlier commands of its document that have
+not run yet (so ``-m slow`` alone works). Commands that
 fail because of a file another work package owns are in :data:`XFAIL` (strict: they fail the test
 once fixed, so the entry goes; empty now).
 """
@@ -417,12 +419,16 @@ class Workspaces:
         self.ran.add(cmd.id)
         return run_command(cmd, self(cmd.doc))
 
-    def prerequisites(self, cmd: "Command") -> None:
-        """Run the document's earlier runnable commands that have not run yet (a slow command may
-        use their outputs; with -m slow the default tier is deselected)."""
+    def prerequisites(self, cmd: "Command", default_only: bool = False) -> None:
+        """Run the document's earlier runnable commands that have not run yet in this process (a slow
+        command may use their outputs; with -m slow the default tier is deselected). ``default_only``:
+        only the earlier default-tier ones (a default command's inputs: with pytest-xdist the commands of
+        one document may run in different worker processes, each with its own workspace)."""
         for earlier in doc_commands(cmd.doc):
             if earlier.line >= cmd.line:
                 break
+            if default_only and _match(DEFAULT, earlier) is None:
+                continue
             if earlier.not_run is None and earlier.id not in self.ran:
                 rc, out, _ = self.run(earlier)
                 if rc != 0 or TRACEBACK in out:
@@ -481,8 +487,7 @@ def test_documented_command_runs(cmd: Command, workspaces, request):
         missing = check() if needle in cmd.text else None
         if missing:
             pytest.skip(f"{cmd.id}: {missing}")
-    if request.node.get_closest_marker("slow") is not None:
-        workspaces.prerequisites(cmd)
+    workspaces.prerequisites(cmd, default_only=request.node.get_closest_marker("slow") is None)
     rc, out, seconds = workspaces.run(cmd)
     tail = "\n".join(out.splitlines()[-40:])
     assert rc == 0, f"{cmd.id}: exit status {rc} after {seconds:.0f} s\n$ {cmd.text}\n{tail}"

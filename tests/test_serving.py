@@ -379,3 +379,73 @@ def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_compile_cache_path_follows_the_configuration_settings_and_sources(server, tmp_path, monkeypatch):
+    """``tools/serve.py --compile_cache DIR`` keeps MindSpore's compile cache in one subdirectory per model
+    configuration, engine settings and source tree: MindSpore's own key misses configuration constants
+    (the demo with another ``rms_norm_eps`` ran the cached graph), so each of these must change the path."""
+    import importlib
+    import sys
+
+    from mindformers_ext.serving import loading
+
+    path = loading.compile_cache_path(str(tmp_path), server.model, max_num_seqs=16)
+    assert os.path.dirname(path) == str(tmp_path)
+    assert loading.compile_cache_path(str(tmp_path), server.model, max_num_seqs=16) == path
+    assert loading.compile_cache_path(str(tmp_path), server.model, max_num_seqs=8) != path
+    eps = server.model.config.rms_norm_eps
+    monkeypatch.setattr(server.model.config, "rms_norm_eps", eps * 2)
+    assert loading.compile_cache_path(str(tmp_path), server.model, max_num_seqs=16) != path
+    monkeypatch.setattr(server.model.config, "rms_norm_eps", eps)
+
+    package = tmp_path / "src" / "mfx_digest_probe"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    importlib.invalidate_caches()
+    before = loading._source_digest(("mfx_digest_probe",))  # pylint: disable=protected-access
+    (package / "__init__.py").write_text("X = 2\n")
+    loading._source_digest.cache_clear()  # pylint: disable=protected-access
+    assert loading._source_digest(("mfx_digest_probe",)) != before  # pylint: disable=protected-access
+    sys.modules.pop("mfx_digest_probe", None)
+
+
+@pytest.mark.slow
+def test_serve_cli_compile_cache_is_reused_on_the_next_start(tmp_path):
+    """``tools/serve.py --compile_cache DIR`` started twice: the first start compiles its eleven graphs (the
+    prefill and ten decode shapes) and fills DIR; the second takes every one of them from DIR (MindSpore
+    logs "Use the compilation cache" for each at warning level) and serves the same completion."""
+    import subprocess
+    import sys
+
+    def start() -> tuple:
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "serve.py"), "--port", str(port),
+                                 "--compile_cache", str(tmp_path / "cache"), "--log_level", "warning"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "GLOG_v": "2"})
+        lines = []
+        try:
+            for line in proc.stdout:  # the warm-up log, up to "serving ..."
+                lines.append(line)
+                if line.startswith("serving "):
+                    break
+            assert proc.poll() is None, "".join(lines)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3, timeout=60)
+            text = client.completions.create(model="deepseek_coder_demo", prompt="def fib(n):", max_tokens=12,
+                                             temperature=0).choices[0].text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        log = "".join(lines)
+        assert "compiled decode graph 10/10" in log, log
+        return text, log.count("Use the compilation cache"), log
+
+    first_text, first_hits, log = start()
+    assert "compile cache: " + str(tmp_path / "cache") in log
+    assert first_hits == 0
+    assert any(files for _, _, files in os.walk(tmp_path / "cache")), "the first start cached nothing"
+    second_text, second_hits, _ = start()
+    assert second_hits == 11
+    assert second_text == first_text

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dynamic_decode", action="store_true",
                    help="one dynamic-shape decode graph instead of static graphs for bucketed batch shapes "
                         "(starts faster: nothing to compile ahead; each decode step takes about 1.6x as long)")
+    p.add_argument("--compile_cache", default=None, metavar="DIR",
+                   help="keep the compiled graphs under DIR (MindSpore's compile cache) and reuse them on the next "
+                        "start with the same model configuration, settings and code: the demo's warm-up takes "
+                        "about 1 s instead of 15")
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     if args.load_checkpoint and args.model:
@@ -73,6 +77,14 @@ def main(argv=None) -> int:
     from mindformers_ext.serving.loading import serve_app  # pylint: disable=import-outside-toplevel
 
     model, tokenizer, name, family = load(args)
+    if args.compile_cache:
+        from mindformers_ext.serving.loading import compile_cache_path  # pylint: disable=import-outside-toplevel
+
+        path = compile_cache_path(args.compile_cache, model, block_size=args.block_size, num_blocks=args.num_blocks,
+                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  dynamic_decode=args.dynamic_decode, quant=args.quant)
+        os.environ["MS_COMPILER_CACHE_ENABLE"], os.environ["MS_COMPILER_CACHE_PATH"] = "1", path
+        print(f"compile cache: {path}", flush=True)
     app = serve_app(model, tokenizer, name, family, block_size=args.block_size, num_blocks=args.num_blocks,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_queue=args.max_queue, decode_buckets=not args.dynamic_decode)

@@ -1,7 +1,12 @@
 """A served model from a predict YAML or an HF directory, and the app around it (``tools/serve.py``)."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import json
 import os
+import sys
 from typing import Any, Optional
 
 from mindformers_ext.generation.sampling import SamplingParams
@@ -68,3 +73,40 @@ def serve_app(model: Any, tokenizer: Any, name: str, family: str, warmup: bool =
     if warmup:
         engine.warmup(log=lambda line: print(line, flush=True))
     return build_app(ServedModel(engine, tokenizer, name, family, sampling_defaults(model.config)))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(packages: tuple = ("mindformers_ext", "research")) -> str:
+    """sha256 of the Python sources of ``packages`` (relative paths and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, dirs, files in sorted(os.walk(root)):
+                dirs.sort()
+                for name in sorted(f for f in files if f.endswith(".py")):
+                    path = os.path.join(folder, name)
+                    digest.update(os.path.relpath(path, root).encode())
+                    with open(path, "rb") as f:
+                        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def compile_cache_path(root: str, model: Any, **settings: Any) -> str:
+    """The directory under ``root`` for MindSpore's compile cache of ``model``'s serving graphs: named by a
+    hash of what the graphs are built from (the model configuration, ``settings`` such as the engine's
+    shapes and quantization, the mindformers_ext and research sources, the MindSpore and Python versions).
+
+    MindSpore's own cache (``MS_COMPILER_CACHE_ENABLE`` / ``MS_COMPILER_CACHE_PATH``) is keyed on the entry
+    script, its imports outside site-packages and the weights, not on the constants a configuration bakes
+    into the graphs: in one directory, the demo with ``rms_norm_eps`` 0.5 instead of 1e-6 ran the cached
+    graph and gave the old completion. One directory per hash keeps each cached graph to the configuration
+    and code that built it.
+    """
+    import mindspore  # pylint: disable=import-outside-toplevel
+
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)
+    key = json.dumps({"config": config, "settings": settings, "sources": _source_digest(),
+                      "mindspore": mindspore.__version__, "python": sys.version, "class": type(model).__name__},
+                     sort_keys=True, default=repr)
+    return os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:16])
