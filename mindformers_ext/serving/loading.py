@@ -98,10 +98,11 @@ def compile_cache_path(root: str, model: Any, **settings: Any) -> str:
     shapes and quantization, the mindformers_ext and research sources, the MindSpore and Python versions).
 
     MindSpore's own cache (``MS_COMPILER_CACHE_ENABLE`` / ``MS_COMPILER_CACHE_PATH``) is keyed on the entry
-    script, its imports outside site-packages and the weights, not on the constants a configuration bakes
-    into the graphs: in one directory, the demo with ``rms_norm_eps`` 0.5 instead of 1e-6 ran the cached
-    graph and gave the old completion. One directory per hash keeps each cached graph to the configuration
-    and code that built it.
+    script, the files it imports from outside every ``sys.path`` directory and the weights (a different
+    checkpoint compiled afresh); not on our model code (an edited model file still hit the cache), nor on
+    the constants a configuration bakes into the graphs (the demo with ``rms_norm_eps`` 0.5 instead of
+    1e-6 ran the cached graph and gave the old completion). One directory per hash keeps each cached graph
+    to the configuration and code that built it.
     """
     import mindspore  # pylint: disable=import-outside-toplevel
 
