@@ -77,17 +77,16 @@ def main(argv=None) -> int:
     from mindformers_ext.serving.loading import serve_app  # pylint: disable=import-outside-toplevel
 
     model, tokenizer, name, family = load(args)
+    engine = dict(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
+                  decode_buckets=not args.dynamic_decode)
     if args.compile_cache:
         from mindformers_ext.serving.loading import compile_cache_path  # pylint: disable=import-outside-toplevel
 
-        path = compile_cache_path(args.compile_cache, model, block_size=args.block_size, num_blocks=args.num_blocks,
-                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  dynamic_decode=args.dynamic_decode, quant=args.quant)
+        path = compile_cache_path(args.compile_cache, model, quant=args.quant, **engine)
         os.environ["MS_COMPILER_CACHE_ENABLE"], os.environ["MS_COMPILER_CACHE_PATH"] = "1", path
         print(f"compile cache: {path}", flush=True)
-    app = serve_app(model, tokenizer, name, family, block_size=args.block_size, num_blocks=args.num_blocks,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_queue=args.max_queue, decode_buckets=not args.dynamic_decode)
+    app = serve_app(model, tokenizer, name, family, **engine)
     print(f"serving {name!r} ({family}) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

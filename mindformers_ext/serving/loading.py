@@ -106,8 +106,7 @@ def compile_cache_path(root: str, model: Any, **settings: Any) -> str:
     """
     import mindspore  # pylint: disable=import-outside-toplevel
 
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)
-    key = json.dumps({"config": config, "settings": settings, "sources": _source_digest(),
+    key = json.dumps({"config": model.config.to_dict(), "settings": settings, "sources": _source_digest(),
                       "mindspore": mindspore.__version__, "python": sys.version, "class": type(model).__name__},
                      sort_keys=True, default=repr)
     return os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:16])
