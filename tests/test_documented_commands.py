@@ -30,6 +30,7 @@ once fixed, so the entry goes; empty now).
 from __future__ import annotations
 
 import ast
+import fcntl
 import functools
 import glob
 import json
@@ -417,7 +418,13 @@ class Workspaces:
 
     def run(self, cmd: "Command") -> tuple[int, str, float]:
         self.ran.add(cmd.id)
-        return run_command(cmd, self(cmd.doc))
+        if "msrun" not in cmd.text:
+            return run_command(cmd, self(cmd.doc))
+        # msrun jobs of every xdist worker take turns: the documented commands all use the launcher's
+        # default master port (8118), and a second scheduler on it fails or hangs the first job.
+        with open(self.factory.getbasetemp().parent / "msrun.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return run_command(cmd, self(cmd.doc))
 
     def prerequisites(self, cmd: "Command", default_only: bool = False) -> None:
         """Run the document's earlier runnable commands that have not run yet in this process (a slow
@@ -444,18 +451,34 @@ def workspaces(tmp_path_factory, standins):
 
 
 def run_command(cmd: Command, cwd: str, timeout: int = 900) -> tuple[int, str, float]:
+    """``(exit status, output, seconds)``; on a timeout the command and every process it started are
+    killed (msrun's workers run in sessions of their own and would hold the master port), the status is 124 and the output ends with the last
+    lines of the msrun logs the command wrote."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("GLOG_v", "3")
     start = time.time()
+    proc = subprocess.Popen(["bash", "-c", cmd.text], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
     try:
-        proc = subprocess.run(["bash", "-c", cmd.text], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or ""
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # a MindSpore dependency
+
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, _ = proc.communicate()
+        logs = [path for path in sorted(glob.glob(os.path.join(cwd, "**", "msrun_log", "*.log"), recursive=True))
+                if os.path.getmtime(path) >= start]
+        for path in logs:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                tail = "".join(f.readlines()[-15:])
+            out += f"\n--- {os.path.relpath(path, cwd)} (last lines)\n{tail}"
         return 124, out + f"\n[timed out after {timeout} s]", time.time() - start
-    return proc.returncode, proc.stdout, time.time() - start
+    return proc.returncode, out, time.time() - start
 
 
 # ---------------------------------------------------------------- the commands
