@@ -3,6 +3,8 @@
 Each tiny HF model is built once per session (torch, random weights, saved as safetensors) and
 reused; MindSpore graphs are compiled per model instance, so tests share model fixtures too.
 """
+import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -22,6 +24,22 @@ ms.set_device("CPU")
 # MindSpore collects garbage before compiling each graph; with the imports above frozen that takes
 # microseconds instead of a quarter of a second (hundreds of graphs compile in a test session)
 freeze_gc_heap()
+
+
+@pytest.fixture(scope="session")
+def default_msrun_port(tmp_path_factory):
+    """A context manager held while an msrun job runs on the launcher's default master port (8118):
+    every README's msrun command and the launcher's 1- and 2-argument forms use it, and two schedulers
+    on one port break both jobs (tools/msrun_launcher.sh refuses to start the second). A file lock in
+    the directory the pytest-xdist workers share makes them take turns."""
+    path = tmp_path_factory.getbasetemp().parent / "msrun_default_port.lock"
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "w", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    return held
 
 
 @pytest.fixture(autouse=True)

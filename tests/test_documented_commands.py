@@ -30,7 +30,6 @@ once fixed, so the entry goes; empty now).
 from __future__ import annotations
 
 import ast
-import fcntl
 import functools
 import glob
 import json
@@ -407,8 +406,9 @@ def _workspace(base: str, doc: str, standins) -> str:
 class Workspaces:
     """One scratch workspace per document, made on first use, and which of its commands ran there."""
 
-    def __init__(self, tmp_path_factory, standins) -> None:
+    def __init__(self, tmp_path_factory, standins, msrun_port) -> None:
         self.factory, self.standins, self.made, self.ran = tmp_path_factory, standins, {}, set()
+        self.msrun_port = msrun_port
 
     def __call__(self, doc: str) -> str:
         if doc not in self.made:
@@ -420,10 +420,7 @@ class Workspaces:
         self.ran.add(cmd.id)
         if "msrun" not in cmd.text:
             return run_command(cmd, self(cmd.doc))
-        # msrun jobs of every xdist worker take turns: the documented commands all use the launcher's
-        # default master port (8118), and a second scheduler on it fails or hangs the first job.
-        with open(self.factory.getbasetemp().parent / "msrun.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.msrun_port():  # the documented msrun commands use fixed master ports (8118, 9543)
             return run_command(cmd, self(cmd.doc))
 
     def prerequisites(self, cmd: "Command", default_only: bool = False) -> None:
@@ -445,9 +442,9 @@ class Workspaces:
 
 
 @pytest.fixture(scope="module")
-def workspaces(tmp_path_factory, standins):
+def workspaces(tmp_path_factory, standins, default_msrun_port):
     """:class:`Workspaces` for this module."""
-    return Workspaces(tmp_path_factory, standins)
+    return Workspaces(tmp_path_factory, standins, default_msrun_port)
 
 
 def run_command(cmd: Command, cwd: str, timeout: int = 900) -> tuple[int, str, float]:

@@ -93,6 +93,34 @@ def test_wrong_arguments_and_missing_msrun(fake_msrun, tmp_path):
     assert missing.returncode == 1 and "msrun not found" in missing.stderr
 
 
+def test_a_master_port_in_use_is_refused_before_msrun_starts(fake_msrun, tmp_path):
+    """A port something listens on where this node would start the scheduler (127.0.0.1 for a
+    single-node job, MASTER_ADDR when it is this host's) is refused with a message naming it, and msrun
+    never runs; a multi-node job whose MASTER_ADDR is another host's does not check (its scheduler runs
+    there)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args in (["2", port, "log", "False", "10"], ["2", "2", "127.0.0.1", port, "0", "log", "False", "10"],
+                     ["4", "2", "127.0.0.1", port, "0", "log", "False", "10"]):
+            bad = _launch("x.py", *args, env=fake_msrun, cwd=tmp_path)
+            assert bad.returncode == 1, bad.stdout + bad.stderr
+            assert f"MASTER_PORT {port} is in use on 127.0.0.1" in bad.stderr
+            assert _args_printed(bad, tmp_path) == [], "msrun ran although the port is taken"
+        remote = _launch("x.py", "4", "2", "192.0.2.1", port, "1", "log", "False", "10", env=fake_msrun, cwd=tmp_path)
+        assert f"--master_port={port}" in _args(remote, tmp_path, "log")
+    free = _launch("x.py", "2", port, "log", "False", "10", env=fake_msrun, cwd=tmp_path)
+    assert f"--master_port={port}" in _args(free, tmp_path, "log")
+
+
+def _args_printed(result, cwd) -> list:
+    """The fake msrun's ARG lines of a launch that may have failed (console and console log)."""
+    console = os.path.join(cwd, "log", "msrun_console.log")
+    text = result.stdout + (open(console, encoding="utf-8").read() if os.path.exists(console) else "")
+    return [line for line in text.splitlines() if line.startswith("ARG ")]
+
+
 @pytest.mark.slow
 def test_data_parallel_finetune_two_workers(tmp_path):
     """2 local CPU workers, each on its own half of the data: the gradients are all-reduced for real,

@@ -18,7 +18,8 @@
 # The launcher always waits for the workers (msrun --join=True) and exits non-zero when any worker
 # (or msrun) fails, printing the last error lines of each failed worker's log. JOIN chooses what the
 # console shows meanwhile: True, msrun's output with every worker's log; False (default), msrun's
-# output goes to LOG_DIR/msrun_console.log and only the result is printed.
+# output goes to LOG_DIR/msrun_console.log and only the result is printed. A MASTER_PORT that is
+# already in use where this node would start the scheduler (another job's) is refused before msrun runs.
 
 usage() {
   cat >&2 <<'EOF'
@@ -112,6 +113,27 @@ if ! command -v "$MSRUN" >/dev/null 2>&1; then
   else
     fail "msrun not found: install MindSpore (pip install mindspore) in the active environment, activate it, or set MSRUN=/path/to/msrun"
   fi
+fi
+
+# msrun starts the job's scheduler on the node that owns MASTER_ADDR (single node: 127.0.0.1). Where
+# something already listens on MASTER_PORT there (another job's scheduler, or one left running), the
+# new scheduler fails to bind while its workers may register with the old one: the job fails with the
+# reason deep in scheduler.log, or hangs until CLUSTER_TIME_OUT. Refuse to start instead.
+SCHED_ADDR=$MASTER_ADDR
+[ "$WORKER_NUM" -eq "$LOCAL_WORKER" ] && SCHED_ADDR=127.0.0.1
+CHECK_PYTHON=$(command -v python3 || command -v python || true)
+if [ -n "$CHECK_PYTHON" ] && "$CHECK_PYTHON" - "$SCHED_ADDR" "$MASTER_PORT" <<'EOF'
+import errno, socket, sys
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed job's TIME_WAIT port is free
+try:
+    sock.bind((sys.argv[1], int(sys.argv[2])))
+except OSError as exc:  # EADDRNOTAVAIL: another node's address, whose scheduler runs there
+    sys.exit(0 if exc.errno == errno.EADDRINUSE else 1)
+sys.exit(1)
+EOF
+then
+  fail "MASTER_PORT $MASTER_PORT is in use on $SCHED_ADDR (another msrun job's scheduler?): this job's scheduler could not bind it and msrun would fail or hang. Wait for that job to end, or choose another port: msrun_launcher.sh \"<command>\" WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT"
 fi
 
 # Repository root (this script lives in tools/) on PYTHONPATH so mindformers_ext imports from a checkout.
