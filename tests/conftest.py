@@ -26,20 +26,15 @@ ms.set_device("CPU")
 freeze_gc_heap()
 
 
-@pytest.fixture(scope="session")
-def default_msrun_port(tmp_path_factory):
-    """A context manager held while an msrun job runs on the launcher's default master port (8118):
-    every README's msrun command and the launcher's 1- and 2-argument forms use it, and two schedulers
-    on one port break both jobs (tools/msrun_launcher.sh refuses to start the second). A file lock in
-    the directory the pytest-xdist workers share makes them take turns."""
-    path = tmp_path_factory.getbasetemp().parent / "msrun_default_port.lock"
-
-    @contextlib.contextmanager
-    def held():
-        with open(path, "w", encoding="utf-8") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-    return held
+@contextlib.contextmanager
+def msrun_lock():
+    """Held while a test runs a real msrun job: the jobs of every pytest process on this machine take turns.
+    Ports are the machine's: every README msrun command and the launcher's 1- and 2-argument forms take
+    8118 as the scheduler's port, and MindSpore gives each job's worker 0 the ports from 8118 up, so a job
+    running anywhere takes 8118 from the next (tools/msrun_launcher.sh refuses to start that one)."""
+    with open(os.path.join(tempfile.gettempdir(), "mindformers_ext_tests_msrun.lock"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -44,6 +44,8 @@ from typing import Optional
 
 import pytest
 
+from conftest import msrun_lock
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHELL_LANGS = {"bash", "sh", "shell"}
 NOT_RUN = re.compile(r"#\s*not run in tests\s*:\s*(?P<reason>.*?)\s*$")
@@ -406,9 +408,8 @@ def _workspace(base: str, doc: str, standins) -> str:
 class Workspaces:
     """One scratch workspace per document, made on first use, and which of its commands ran there."""
 
-    def __init__(self, tmp_path_factory, standins, msrun_port) -> None:
+    def __init__(self, tmp_path_factory, standins) -> None:
         self.factory, self.standins, self.made, self.ran = tmp_path_factory, standins, {}, set()
-        self.msrun_port = msrun_port
 
     def __call__(self, doc: str) -> str:
         if doc not in self.made:
@@ -420,7 +421,7 @@ class Workspaces:
         self.ran.add(cmd.id)
         if "msrun" not in cmd.text:
             return run_command(cmd, self(cmd.doc))
-        with self.msrun_port():  # the documented msrun commands use fixed master ports (8118, 9543)
+        with msrun_lock():  # the documented msrun commands use fixed master ports (8118, 9543)
             return run_command(cmd, self(cmd.doc))
 
     def prerequisites(self, cmd: "Command", default_only: bool = False) -> None:
@@ -442,9 +443,9 @@ class Workspaces:
 
 
 @pytest.fixture(scope="module")
-def workspaces(tmp_path_factory, standins, default_msrun_port):
+def workspaces(tmp_path_factory, standins):
     """:class:`Workspaces` for this module."""
-    return Workspaces(tmp_path_factory, standins, default_msrun_port)
+    return Workspaces(tmp_path_factory, standins)
 
 
 def run_command(cmd: Command, cwd: str, timeout: int = 900) -> tuple[int, str, float]:

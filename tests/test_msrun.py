@@ -1,4 +1,5 @@
 """tools/msrun_launcher.sh: MindFormers' argument forms, clear errors, and a real 2-worker data-parallel finetune."""
+import contextlib
 import glob
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import msrun_lock
 from test_run_mindformer import FINETUNE_TINY, LOSS, REPO, _env, _latest_ckpt, write_tiny_mindrecord
 
 LAUNCHER = os.path.join(REPO, "tools", "msrun_launcher.sh")
@@ -23,8 +25,11 @@ def free_port():
 
 
 def _launch(*args, env=None, cwd=None):
-    return subprocess.run(["bash", LAUNCHER, *args], env=env or _env(), cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    """The launcher; a real msrun job (no fake ``MSRUN`` in ``env``) holds :func:`conftest.msrun_lock`."""
+    env = env or _env()
+    with contextlib.nullcontext() if "MSRUN" in env else msrun_lock():
+        return subprocess.run(["bash", LAUNCHER, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=600)
 
 
 @pytest.fixture()

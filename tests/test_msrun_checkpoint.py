@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import msrun_lock
 from test_run_mindformer import FINETUNE_TINY, REPO, RUN, _env, _latest_ckpt, write_tiny_mindrecord
 
 LAUNCHER = os.path.join(REPO, "tools", "msrun_launcher.sh")
@@ -38,8 +39,11 @@ def free_port():
 
 
 def _launch(*args, env=None, cwd=None, timeout=600):
-    return subprocess.run(["bash", LAUNCHER, *args], env=env or _env(), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    """The launcher; a real msrun job (no fake ``MSRUN`` in ``env``) holds :func:`conftest.msrun_lock`."""
+    env = env or _env()
+    with contextlib.nullcontext() if "MSRUN" in env else msrun_lock():
+        return subprocess.run(["bash", LAUNCHER, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 # ------------------------------------------------------------------------------ launcher exit status
@@ -106,16 +110,15 @@ if rank == int(sys.argv[1]):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", sorted(FORMS))
-def test_launcher_with_real_msrun(form, tmp_path, default_msrun_port):
+def test_launcher_with_real_msrun(form, tmp_path):
     """The same with MindSpore's msrun and a script whose last worker raises (1-argument form: 8 workers)."""
     (tmp_path / "boom.py").write_text(BOOM)
     args = FORMS[form](free_port(), str(tmp_path / "logs"))
     last = 7 if form == "1" else 1
-    with default_msrun_port() if form in ("1", "2") else contextlib.nullcontext():
-        result = _launch(f"boom.py {last}", *args, cwd=tmp_path, timeout=300)
-        ok = _launch("boom.py 99", *FORMS[form](free_port(), str(tmp_path / "logs")), cwd=tmp_path, timeout=300)
+    result = _launch(f"boom.py {last}", *args, cwd=tmp_path, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"worker_{last}.log: last error" in result.stderr and f"ValueError: boom from rank {last}" in result.stderr
+    ok = _launch("boom.py 99", *FORMS[form](free_port(), str(tmp_path / "logs")), cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 

@@ -116,9 +116,10 @@ if ! command -v "$MSRUN" >/dev/null 2>&1; then
 fi
 
 # msrun starts the job's scheduler on the node that owns MASTER_ADDR (single node: 127.0.0.1). Where
-# something already listens on MASTER_PORT there (another job's scheduler, or one left running), the
-# new scheduler fails to bind while its workers may register with the old one: the job fails with the
-# reason deep in scheduler.log, or hangs until CLUSTER_TIME_OUT. Refuse to start instead.
+# something already listens on MASTER_PORT there, the new scheduler fails to bind while its workers may
+# register with whatever listens: the job fails with the reason deep in scheduler.log, or hangs until
+# CLUSTER_TIME_OUT. Refuse to start instead. Another running job is the usual holder: its scheduler, or
+# its workers, to which MindSpore hands out ports from 8118 up (worker 0: 8118-8373), the default port.
 SCHED_ADDR=$MASTER_ADDR
 [ "$WORKER_NUM" -eq "$LOCAL_WORKER" ] && SCHED_ADDR=127.0.0.1
 CHECK_PYTHON=$(command -v python3 || command -v python || true)
@@ -133,7 +134,7 @@ except OSError as exc:  # EADDRNOTAVAIL: another node's address, whose scheduler
 sys.exit(1)
 EOF
 then
-  fail "MASTER_PORT $MASTER_PORT is in use on $SCHED_ADDR (another msrun job's scheduler?): this job's scheduler could not bind it and msrun would fail or hang. Wait for that job to end, or choose another port: msrun_launcher.sh \"<command>\" WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT"
+  fail "MASTER_PORT $MASTER_PORT is in use on $SCHED_ADDR, most likely by another msrun job (its scheduler, or one of its workers: MindSpore gives each worker 256 ports from 8118 up). This job's scheduler could not bind it, and msrun would fail or hang. Wait for that job to end, or pass a port below 8118 or above its workers' ports: msrun_launcher.sh \"<command>\" WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT"
 fi
 
 # Repository root (this script lives in tools/) on PYTHONPATH so mindformers_ext imports from a checkout.
