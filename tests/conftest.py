@@ -28,11 +28,13 @@ freeze_gc_heap()
 
 @contextlib.contextmanager
 def msrun_lock():
-    """Held while a test runs a real msrun job: the jobs of every pytest process on this machine take turns.
-    Ports are the machine's: every README msrun command and the launcher's 1- and 2-argument forms take
-    8118 as the scheduler's port, and MindSpore gives each job's worker 0 the ports from 8118 up, so a job
-    running anywhere takes 8118 from the next (tools/msrun_launcher.sh refuses to start that one)."""
-    with open(os.path.join(tempfile.gettempdir(), "mindformers_ext_tests_msrun.lock"), "w", encoding="utf-8") as lock:
+    """Held while a test runs a real msrun job: the jobs of every pytest process on this machine take
+    turns. Ports are the machine's: the README msrun commands and the launcher's 1- and 2-argument forms
+    give the scheduler fixed ports (8118, 9543), and MindSpore gives each worker of a running job 256
+    ports from 8118 up (worker 0 takes 8118), so a job running anywhere takes 8118 from the next
+    (tools/msrun_launcher.sh refuses to start that one)."""
+    path = os.path.join(tempfile.gettempdir(), "mindformers_ext_tests_msrun.lock")
+    with open(path, "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

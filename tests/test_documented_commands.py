@@ -449,9 +449,9 @@ def workspaces(tmp_path_factory, standins):
 
 
 def run_command(cmd: Command, cwd: str, timeout: int = 900) -> tuple[int, str, float]:
-    """``(exit status, output, seconds)``; on a timeout the command and every process it started are
-    killed (msrun's workers run in sessions of their own and would hold the master port), the status is 124 and the output ends with the last
-    lines of the msrun logs the command wrote."""
+    """``(exit status, output, seconds)``. On a timeout the command and every process it started are
+    killed (msrun's workers run in sessions of their own and would keep their ports), the status is 124
+    and the output ends with the last lines of the msrun logs the command wrote."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("GLOG_v", "3")
