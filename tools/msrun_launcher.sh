@@ -119,7 +119,8 @@ fi
 # something already listens on MASTER_PORT there, the new scheduler fails to bind while its workers may
 # register with whatever listens: the job fails with the reason deep in scheduler.log, or hangs until
 # CLUSTER_TIME_OUT. Refuse to start instead. Another running job is the usual holder: its scheduler, or
-# its workers, to which MindSpore hands out ports from 8118 up (worker 0: 8118-8373), the default port.
+# one of its workers, to which MindSpore hands out 256 ports each from 8118 up (worker 0 listens on 8118,
+# the default MASTER_PORT, whatever port its own job's scheduler has).
 SCHED_ADDR=$MASTER_ADDR
 [ "$WORKER_NUM" -eq "$LOCAL_WORKER" ] && SCHED_ADDR=127.0.0.1
 CHECK_PYTHON=$(command -v python3 || command -v python || true)
