@@ -8,21 +8,18 @@
   weights of one process on the same global batch; resuming it under msrun works too;
 * the WizardCoder YAML (semi-auto, pipeline_stage 2) falls back to data parallel under msrun on CPU.
 """
-import contextlib
 import glob
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import msrun_lock
+from test_msrun import _launch, free_port
 from test_run_mindformer import FINETUNE_TINY, REPO, RUN, _env, _latest_ckpt, write_tiny_mindrecord
 
-LAUNCHER = os.path.join(REPO, "tools", "msrun_launcher.sh")
 STEP = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*\d+\], loss:\[([0-9.]+)/")
 FORMS = {  # argument form -> the launcher's arguments after the command (LOG_DIR filled in per test)
     "1": lambda port, log: [],
@@ -30,20 +27,6 @@ FORMS = {  # argument form -> the launcher's arguments after the command (LOG_DI
     "6": lambda port, log: ["2", str(port), log, "False", "120"],
     "9": lambda port, log: ["2", "2", "127.0.0.1", str(port), "0", log, "True", "120"],
 }
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(*args, env=None, cwd=None, timeout=600):
-    """The launcher; a real msrun job (no fake ``MSRUN`` in ``env``) holds :func:`conftest.msrun_lock`."""
-    env = env or _env()
-    with contextlib.nullcontext() if "MSRUN" in env else msrun_lock():
-        return subprocess.run(["bash", LAUNCHER, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
 
 
 # ------------------------------------------------------------------------------ launcher exit status
