@@ -166,6 +166,29 @@ def test_sixteen_concurrent_streams_each_equal_its_single_request_output(server)
     assert stats["finished"] - before == 16
 
 
+def test_requests_with_different_sampling_settings_share_steps_and_keep_their_own_output(server):
+    """Greedy (with and without the YAML's repetition penalty) and seeded sampling requests (temperature,
+    top-k, top-p) sent together decode in the same steps, where the engine chooses the tokens of the rows
+    with equal settings in one call: each gives the text it gives alone, and the greedy one equals
+    ``generate``."""
+    settings = [{"temperature": 0}, {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}},
+                {"temperature": 0.8, "seed": 1}, {"temperature": 0.8, "seed": 2},
+                {"temperature": 1.3, "top_p": 0.9, "seed": 3}, {"temperature": 0.7, "seed": 4, "extra_body": {"top_k": 5}},
+                {"temperature": 0.8, "seed": 1}, {"temperature": 0}]
+
+    def run(i):
+        return server.client.completions.create(model=server.name, prompt=PROMPTS[i], max_tokens=24,
+                                                **settings[i]).choices[0].text
+
+    alone = [run(i) for i in range(len(settings))]
+    before = server.engine.stats()["steps"]
+    with concurrent.futures.ThreadPoolExecutor(len(settings)) as pool:
+        together = list(pool.map(run, range(len(settings))))
+    assert together == alone
+    assert server.engine.stats()["steps"] - before < 2 * 24  # they did share steps
+    assert alone[0] == _text(server, _reference(server, _encode(server, PROMPTS[0]), 24))[0]
+
+
 def test_chat_completion_uses_the_family_template_and_stops_at_end_of_turn(server):
     messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
     text = apply_chat_template(messages, server.tokenizer, family=server.family)

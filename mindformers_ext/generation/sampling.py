@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    """What decides the next token; ``do_sample=False`` is greedy."""
+    """What decides the next token; ``do_sample=False`` is greedy. Frozen: hashable, so the serving
+    engine groups a step's rows by their settings."""
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
