@@ -300,18 +300,25 @@ class PagedKVCache:
         return (np.asarray(table, np.int32)[tokens // self.block_size] * self.block_size
                 + tokens % self.block_size).astype(np.int32)
 
-    def prefill(self, seq_ids: Sequence, counts: Sequence[int]) -> tuple:
+    def prefill(self, seq_ids: Sequence, counts: Sequence[int], rows: Optional[int] = None,
+                width: Optional[int] = None) -> tuple:
         """(mask (B, 1, S, S), (positions, table) (B, S)) to write the prompts of new sequences, ``counts[b]``
-        tokens for ``seq_ids[b]``, left-padded to the longest (padding writes to the scratch block and is
-        masked)."""
-        width = max(counts)
-        positions = np.full((len(seq_ids), width), self.scratch, np.int32)
+        tokens for ``seq_ids[b]``, left-padded to the longest, or to ``width`` (padding writes to the scratch
+        block and is masked). ``rows`` pads B up to a compiled shape with rows that are all padding."""
+        longest = max(counts, default=1)
+        rows = len(seq_ids) if rows is None else rows
+        width = longest if width is None else width
+        if rows < len(seq_ids) or width < longest:
+            raise ValueError(f"prefill: {len(seq_ids)} prompts of up to {longest} tokens do not fit "
+                             f"the padded shape ({rows}, {width})")
+        positions = np.full((rows, width), self.scratch, np.int32)
         for row, (seq_id, count) in enumerate(zip(seq_ids, counts)):
             if self.lengths[seq_id]:
                 raise ValueError(f"sequence {seq_id!r} already holds {self.lengths[seq_id]} tokens")
             positions[row, width - count:] = self._positions(seq_id, 0, count)
             self.lengths[seq_id] = count
-        valid = np.arange(width)[None, :] >= width - np.asarray(counts)[:, None]
+        counts = np.concatenate([np.asarray(counts, np.int64), np.zeros(rows - len(seq_ids), np.int64)])
+        valid = np.arange(width)[None, :] >= width - counts[:, None]
         mask = padded_causal_mask(valid)
         return Tensor(mask), (Tensor(positions), Tensor(positions))
 

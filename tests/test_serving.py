@@ -124,6 +124,19 @@ def test_models_health_and_metrics(server):
     assert values['mfx_time_to_first_token_seconds{quantile="0.5"}'] > 0
 
 
+def test_prefill_of_every_length_equals_generate(server):
+    """Prompts of 1 to 64 tokens are prefilled in static graphs, padded to bucketed shapes (padding rows and
+    left columns masked); longer ones in the dynamic-shape graph: the text equals ``generate`` either way."""
+    body = "".join(PROMPTS)
+    ids = _encode(server, body)
+    for length in (1, 15, 16, 17, 64, 65, 100):
+        prompt = server.tokenizer.decode(ids[1:length], skip_special_tokens=True)  # after the BOS
+        assert len(_encode(server, prompt)) == length
+        expected, _ = _text(server, _reference(server, _encode(server, prompt), 12))
+        res = server.client.completions.create(model=server.name, prompt=prompt, max_tokens=12)
+        assert res.choices[0].text == expected, length
+
+
 def test_completion_equals_generate(server):
     ids = _encode(server, PROMPTS[1])
     expected, finished = _text(server, _reference(server, ids, 40))
@@ -345,8 +358,9 @@ def test_many_requests_leave_no_blocks_behind(server):
 
 @pytest.mark.slow
 def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
-    """``tools/serve.py --model HF_DIR --quant w8a16 --kv_cache_dtype int8 --dynamic_decode`` as a user
-    starts it (the one dynamic-shape decode graph; the other tests serve with the default buckets): its
+    """``tools/serve.py --model HF_DIR --quant w8a16 --kv_cache_dtype int8 --dynamic_decode --dynamic_prefill``
+    as a user starts it (the one dynamic-shape decode and prefill graphs; the other tests serve with the
+    default buckets): its
     text and per-token log-probabilities equal generate of ``load_hf_model(HF_DIR, quant="w8a16",
     kv_cache_dtype="int8")`` in this process, and differ from the float model's (the options apply)."""
     import shutil
@@ -364,7 +378,7 @@ def test_serve_cli_on_an_hf_directory_with_int8_weights_and_cache(tmp_path):
         shutil.copy(os.path.join(REPO, "mindformers_ext", "tokenizers", "data", "deepseek-llm", name), hf_dir)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "serve.py"), "--model", hf_dir, "--quant",
-                             "w8a16", "--kv_cache_dtype", "int8", "--dynamic_decode", "--port", str(port),
+                             "w8a16", "--kv_cache_dtype", "int8", "--dynamic_decode", "--dynamic_prefill", "--port", str(port),
                              "--log_level", "warning"],
                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -436,8 +450,8 @@ def test_compile_cache_path_follows_the_configuration_settings_and_sources(serve
 
 @pytest.mark.slow
 def test_serve_cli_compile_cache_is_reused_on_the_next_start(tmp_path):
-    """``tools/serve.py --compile_cache DIR`` started twice: the first start compiles its eleven graphs (the
-    prefill and ten decode shapes) and fills DIR; the second takes every one of them from DIR (MindSpore
+    """``tools/serve.py --compile_cache DIR`` started twice: the first start compiles its seventeen graphs (the
+    dynamic-shape prefill, six static prefill and ten decode shapes) and fills DIR; the second takes every one of them from DIR (MindSpore
     logs "Use the compilation cache" for each at warning level) and serves the same completion."""
     import subprocess
     import sys
@@ -462,7 +476,7 @@ def test_serve_cli_compile_cache_is_reused_on_the_next_start(tmp_path):
             proc.terminate()
             proc.wait(timeout=30)
         log = "".join(lines)
-        assert "compiled decode graph 10/10" in log, log
+        assert "compiled prefill graph 6/6" in log and "compiled decode graph 10/10" in log, log
         return text, log.count("Use the compilation cache"), log
 
     first_text, first_hits, log = start()
@@ -470,5 +484,5 @@ def test_serve_cli_compile_cache_is_reused_on_the_next_start(tmp_path):
     assert first_hits == 0
     assert any(files for _, _, files in os.walk(tmp_path / "cache")), "the first start cached nothing"
     second_text, second_hits, _ = start()
-    assert second_hits == 11
+    assert second_hits == 17
     assert second_text == first_text
