@@ -96,8 +96,8 @@ class CachedStep(Step):
 class PagedStep(Step):
     """:class:`CachedStep` over a :class:`mindformers_ext.cache.PagedKVCache` pool.
 
-    Inputs: input_ids (B, S), position_ids (B, S), mask, positions (B, S) (the pool rows the new
-    tokens are written to), table (B, L) (the pool rows of each row's tokens, read in decode),
+    Inputs: input_ids (B, S), position_ids (B, S), mask, positions (B, S) (the pool positions the new
+    tokens are written to), table (B, L) (the pool positions of each row's tokens, read in decode),
     then the pool Parameters, which the step updates in place. Returns the last-position logits.
 
     ``dynamic=False`` compiles one graph per input shape instead of one dynamic-shape graph: on CPU a
