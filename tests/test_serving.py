@@ -202,6 +202,34 @@ def test_requests_with_different_sampling_settings_share_steps_and_keep_their_ow
     assert alone[0] == _text(server, _reference(server, _encode(server, PROMPTS[0]), 24))[0]
 
 
+@pytest.mark.parametrize("name", ["deepseek-coder", "deepseek-llm", "wizardcoder"])
+def test_incremental_detokenizer_equals_decoding_the_whole_list(name):
+    """The engine's incremental detokenizer gives, after every new id, the text of the whole list (the
+    real tokenizers; random ids, which split and break UTF-8 characters and hit special tokens; and the
+    ids of text with multi-byte characters)."""
+    from tokenizers import Tokenizer
+
+    from mindformers_ext.serving.engine import IncrementalDetokenizer, _is_byte_level
+    from mindformers_ext.tokenizers.paths import tokenizer_path
+
+    backend = Tokenizer.from_file(os.path.join(tokenizer_path(name), "tokenizer.json"))
+
+    def decode(ids):
+        return backend.decode(ids, skip_special_tokens=True)
+
+    class Wrapped:
+        _tokenizer = backend
+
+    assert _is_byte_level(Wrapped())
+    rng = np.random.default_rng(0)
+    text = "def 加法(a, b):  # 返回 a + b ✓ 🐍\n    return a + b\n"
+    lists = [backend.encode(text).ids] + [rng.integers(0, backend.get_vocab_size(), 60).tolist() for _ in range(20)]
+    for ids in lists:
+        detokenize = IncrementalDetokenizer(decode)
+        for n in range(1, len(ids) + 1):
+            assert detokenize(ids[:n]) == decode(ids[:n]), (ids[:n], n)
+
+
 def test_chat_completion_uses_the_family_template_and_stops_at_end_of_turn(server):
     messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
     text = apply_chat_template(messages, server.tokenizer, family=server.family)
