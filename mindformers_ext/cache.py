@@ -291,11 +291,27 @@ class PagedKVCache:
         self.free_blocks.extend(self.tables.pop(seq_id, ()))
         self.lengths.pop(seq_id, None)
 
-    def _positions(self, seq_id, start: int, count: int) -> np.ndarray:
+    def _blocks(self, seq_id, tokens: int) -> list:
+        """The blocks of ``seq_id``, which is to hold ``tokens`` tokens (raises if it reserved fewer)."""
         table = self.tables[seq_id]
-        if start + count > len(table) * self.block_size:
-            raise ValueError(f"sequence {seq_id!r} would hold {start + count} tokens, it reserved "
+        if tokens > len(table) * self.block_size:
+            raise ValueError(f"sequence {seq_id!r} would hold {tokens} tokens, it reserved "
                              f"{len(table) * self.block_size}")
+        return table
+
+    @staticmethod
+    def _padded_shape(step: str, count: int, longest: int, rows: Optional[int], width: Optional[int]) -> tuple:
+        """(rows, width) of a ``step`` ("prefill" / "decode") batch of ``count`` rows of up to ``longest``
+        tokens, padded to ``rows`` / ``width`` where given."""
+        rows = count if rows is None else rows
+        width = longest if width is None else width
+        if rows < count or width < longest:
+            raise ValueError(f"{step}: {count} rows of up to {longest} tokens do not fit the padded shape "
+                             f"({rows}, {width})")
+        return rows, width
+
+    def _positions(self, seq_id, start: int, count: int) -> np.ndarray:
+        table = self._blocks(seq_id, start + count)
         tokens = np.arange(start, start + count)
         return (np.asarray(table, np.int32)[tokens // self.block_size] * self.block_size
                 + tokens % self.block_size).astype(np.int32)
@@ -305,12 +321,7 @@ class PagedKVCache:
         """(mask (B, 1, S, S), (positions, table) (B, S)) to write the prompts of new sequences, ``counts[b]``
         tokens for ``seq_ids[b]``, left-padded to the longest, or to ``width`` (padding writes to the scratch
         block and is masked). ``rows`` pads B up to a compiled shape with rows that are all padding."""
-        longest = max(counts, default=1)
-        rows = len(seq_ids) if rows is None else rows
-        width = longest if width is None else width
-        if rows < len(seq_ids) or width < longest:
-            raise ValueError(f"prefill: {len(seq_ids)} prompts of up to {longest} tokens do not fit "
-                             f"the padded shape ({rows}, {width})")
+        rows, width = self._padded_shape("prefill", len(seq_ids), max(counts, default=1), rows, width)
         positions = np.full((rows, width), self.scratch, np.int32)
         for row, (seq_id, count) in enumerate(zip(seq_ids, counts)):
             if self.lengths[seq_id]:
@@ -328,19 +339,11 @@ class PagedKVCache:
         ``rows`` / ``width`` pad B and L up to a compiled shape: padding rows write to and read the
         scratch block, padding columns are masked."""
         lengths = np.array([self.lengths[s] + 1 for s in seq_ids], np.int64)
-        longest = int(lengths.max(initial=1))
-        rows = len(seq_ids) if rows is None else rows
-        width = longest if width is None else width
-        if rows < len(seq_ids) or width < longest:
-            raise ValueError(f"decode: {len(seq_ids)} rows of up to {longest} tokens do not fit "
-                             f"the padded shape ({rows}, {width})")
+        rows, width = self._padded_shape("decode", len(seq_ids), int(lengths.max(initial=1)), rows, width)
         # each row's block table, padded with the scratch block (padding rows: all scratch)
         blocks = np.full((rows, self.blocks_for(width)), self.num_blocks, np.int32)
         for row, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
-            owned = self.tables[seq_id]
-            if length > len(owned) * self.block_size:
-                raise ValueError(f"sequence {seq_id!r} would hold {length} tokens, it reserved "
-                                 f"{len(owned) * self.block_size}")
+            owned = self._blocks(seq_id, int(length))
             blocks[row, :min(len(owned), blocks.shape[1])] = owned[:blocks.shape[1]]
             self.lengths[seq_id] = int(length)
         lengths = np.concatenate([lengths, np.ones(rows - len(seq_ids), lengths.dtype)])

@@ -207,20 +207,16 @@ def test_incremental_detokenizer_equals_decoding_the_whole_list(name):
     """The engine's incremental detokenizer gives, after every new id, the text of the whole list (the
     real tokenizers; random ids, which split and break UTF-8 characters and hit special tokens; and the
     ids of text with multi-byte characters)."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, decoders
 
-    from mindformers_ext.serving.engine import IncrementalDetokenizer, _is_byte_level
+    from mindformers_ext.serving.engine import IncrementalDetokenizer
     from mindformers_ext.tokenizers.paths import tokenizer_path
 
     backend = Tokenizer.from_file(os.path.join(tokenizer_path(name), "tokenizer.json"))
+    assert isinstance(backend.decoder, decoders.ByteLevel)  # where the engine decodes incrementally
 
     def decode(ids):
         return backend.decode(ids, skip_special_tokens=True)
-
-    class Wrapped:
-        _tokenizer = backend
-
-    assert _is_byte_level(Wrapped())
     rng = np.random.default_rng(0)
     text = "def 加法(a, b):  # 返回 a + b ✓ 🐍\n    return a + b\n"
     lists = [backend.encode(text).ids] + [rng.integers(0, backend.get_vocab_size(), 60).tolist() for _ in range(20)]

@@ -83,10 +83,10 @@ class _Sequence:
     sink: Callable[[Event], None]
     rng: Optional[np.random.Generator]
     submitted: float
+    detokenizer: Callable[[list], str]  # the text of ``generated``
     generated: list = field(default_factory=list)
     sent: str = ""          # text already sent
     first_token_at: Optional[float] = None
-    detokenizer: Optional[Callable[[list], str]] = None  # the text of ``generated``
 
 
 def _log_softmax(row: np.ndarray) -> np.ndarray:
@@ -122,19 +122,28 @@ class IncrementalDetokenizer:
         return self.text
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def _fast_backend(tokenizer: Any) -> Optional[Tokenizer]:
+    """The ``tokenizers`` backend of a fast tokenizer that does not clean up spaces (None otherwise): its
+    ``decode`` is the tokenizer's."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    return isinstance(backend, Tokenizer) and isinstance(backend.decoder, decoders.ByteLevel)
+    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return backend
+    return None
 
 
 def _text_decoder(tokenizer: Any) -> Callable[[list], str]:
     """``tokenizer.decode(ids, skip_special_tokens=True)``, called for every new token of every request:
     for a fast tokenizer that does not clean up spaces, its ``tokenizers`` backend straight away
     (MindFormers' ``decode`` converts the ids element by element first, about 3x the decode's cost)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    backend = _fast_backend(tokenizer)
+    if backend is not None:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _round_up(sizes: list, n: int) -> int:
+    """The first of the ascending ``sizes`` that is at least ``n``."""
+    return next(size for size in sizes if size >= n)
 
 
 def _buckets(first: int, factor: int, last: int) -> list:
@@ -174,7 +183,8 @@ class Engine:
                              f"{max_num_seqs}, {max_num_batched_tokens}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self._decode_text = _text_decoder(tokenizer)
-        self._incremental = _is_byte_level(tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        backend = _fast_backend(tokenizer)
+        self._incremental = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
         self.context = int(model.config.context_length())
         self.max_num_seqs, self.max_num_batched_tokens, self.max_queue = max_num_seqs, max_num_batched_tokens, max_queue
         spec, dtype = model.cache_spec(), model._cache_dtype()  # pylint: disable=protected-access
@@ -232,14 +242,14 @@ class Engine:
     def _decode_shape(self, rows: int, width: int) -> tuple:
         if not self._batch_buckets:
             return rows, width
-        return (next(b for b in self._batch_buckets if b >= rows), next(b for b in self._width_buckets if b >= width))
+        return _round_up(self._batch_buckets, rows), _round_up(self._width_buckets, width)
 
     def _prefill_shape(self, rows: int, width: int) -> Optional[tuple]:
         """The static prefill shape for ``rows`` prompts of up to ``width`` tokens (None: the dynamic graph,
         for longer prompts and where the padded shape would exceed the step's token budget)."""
         if not self._prefill_lengths or width > self._prefill_lengths[-1]:
             return None
-        shape = (next(b for b in self._prefill_batches if b >= rows), next(w for w in self._prefill_lengths if w >= width))
+        shape = _round_up(self._prefill_batches, rows), _round_up(self._prefill_lengths, width)
         return shape if shape[0] * shape[1] <= max(self.max_num_batched_tokens, rows * width) else None
 
     def warmup(self, log: Optional[Callable[[str], None]] = None) -> None:
@@ -294,7 +304,8 @@ class Engine:
                                  f"{self.max_queue}); retry later")
             request_id = f"cmpl-{next(self._ids)}"
             rng = np.random.default_rng(request.seed) if request.sampling.do_sample else None
-            self._waiting.append(_Sequence(request_id, request, sink, rng, time.monotonic()))
+            detokenizer = IncrementalDetokenizer(self._decode_text) if self._incremental else self._decode_text
+            self._waiting.append(_Sequence(request_id, request, sink, rng, time.monotonic(), detokenizer))
             self.metrics["requests"] += 1
             self._lock.notify_all()
         return request_id
@@ -435,8 +446,6 @@ class Engine:
             self._finish(seq, [token], "stop", logprobs, count_token=False)
             return
         seq.generated.append(token)
-        if seq.detokenizer is None:
-            seq.detokenizer = IncrementalDetokenizer(self._decode_text) if self._incremental else self._decode_text
         text = seq.detokenizer(seq.generated)
         stop_at = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
         if stop_at >= 0:
