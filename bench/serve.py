@@ -5,14 +5,13 @@ same requests one at a time, on the same server (``tools/serve.py`` started as i
 Prints JSON lines:
   {"mode": "one_at_a_time", ...}   each request alone, sent as the one before ends: tokens/s, TTFT and
                                    inter-token latency p50 / p99
-  {"mode": "concurrent", ...}      the same requests sent at once (throughput); these two alternate for
-                                   --rounds rounds
+  {"mode": "concurrent", ...}      the same requests sent at once (throughput)
   {"mode": "idle", ...}            each request alone after --idle_pause seconds of an idle server: TTFT
-  {"mode": "poisson", ...}         the same requests arriving at --rate per second (latency under load)
-  {"mode": "summary", ...}         concurrent / one-at-a-time tokens per second, each round's and their
-                                   median; Poisson p99 TTFT / idle p50 TTFT (and / one-at-a-time p50 TTFT,
-                                   whose server has just finished the request before); texts identical to
-                                   the one-at-a-time ones; requests lost
+  {"mode": "poisson", ...}         --poisson_requests requests arriving at --rate per second (latency under
+                                   load); these four follow each other in each of --rounds rounds
+  {"mode": "summary", ...}         concurrent / one-at-a-time tokens per second and Poisson p99 TTFT / idle
+                                   p50 TTFT, each round's and their medians; every text identical to the
+                                   first round's one-at-a-time ones; requests lost
   {"mode": "memory", ...}          the server's resident memory at the start, half way and the end of
                                    --memory_requests short requests, and free KV blocks after (from
                                    /metrics; a leak shows as growth in both halves or missing blocks)
@@ -107,7 +106,8 @@ def main(argv=None) -> int:
                    help="requests of the Poisson run (the --requests prompts in turn): with 200 the p99 is about the "
                         "third slowest; with 64 it would be the slowest")
     p.add_argument("--rounds", type=int, default=3,
-                   help="rounds of one-at-a-time then concurrent requests; the summary's ratio is their median")
+                   help="rounds of one-at-a-time, concurrent, idle and Poisson requests; the summary's ratios are "
+                        "the medians of the rounds'")
     p.add_argument("--max_num_seqs", type=int, default=16)
     p.add_argument("--idle_pause", type=float, default=0.5,
                    help="seconds the server idles before each request of the idle run")
@@ -165,44 +165,44 @@ async def _bench(args, url: str, pid: int, base: str) -> int:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     await _stream(client, name, prompts[0], 4)  # warm the HTTP path
 
-    # Rounds of (one at a time, all at once) back to back: the throughput ratio of each round compares runs
-    # a few seconds apart, and the median of the rounds' ratios does not hang on one burst of noise from
-    # other machines (the 16 requests take about 0.5 s when sent together).
-    runs, ratios = [], []  # each round's one-at-a-time results, then its concurrent ones
+    # Rounds of (one at a time, all at once, idle, Poisson) back to back: each round's ratios compare runs a few
+    # seconds apart, and the medians of the rounds' ratios do not hang on one burst of noise from other
+    # machines (this VM's speed drifts by 2x over minutes; the 16 requests take about 0.5 s when sent together).
+    rng = np.random.default_rng(args.seed)
+    runs, throughput, ttft = [], [], []  # each round's one-at-a-time, concurrent, idle and Poisson results
     for round_ in range(args.rounds):
         start = time.monotonic()
-        runs.append([await _stream(client, name, prompt, args.max_tokens) for prompt in prompts])
-        one = _report("one_at_a_time", runs[-1], time.monotonic() - start, round=round_)
+        one_at_a_time = [await _stream(client, name, prompt, args.max_tokens) for prompt in prompts]
+        one = _report("one_at_a_time", one_at_a_time, time.monotonic() - start, round=round_)
         together = await _concurrently(client, name, prompts, args.max_tokens,
                                        [time.monotonic() + 0.05] * len(prompts))
         conc = _report("concurrent", together[0], together[1], max_num_seqs=args.max_num_seqs, round=round_)
-        ratios.append(round(conc["tokens_per_second"] / one["tokens_per_second"], 2))
-        runs.append(together[0])
-    idle, busy = [], 0.0
-    for prompt in prompts:  # tokens/s over the requests' own time, the pauses left out
-        await asyncio.sleep(args.idle_pause)
-        sent = time.monotonic()
-        idle.append(await _stream(client, name, prompt, args.max_tokens))
-        busy += time.monotonic() - sent
-    idle_line = _report("idle", idle, busy, pause_s=args.idle_pause)
-
-    rng = np.random.default_rng(args.seed)
-    count = args.poisson_requests
-    arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=count)) - 1.0 / args.rate
-    poisson = await _concurrently(client, name, [prompts[i % len(prompts)] for i in range(count)], args.max_tokens,
-                            list(arrivals))
-    loaded = _report("poisson", poisson[0], poisson[1], rate=args.rate, max_num_seqs=args.max_num_seqs)
-    texts = [r[0] for r in runs[0]]
-    one_at_a_time = [r for results in runs[0::2] for r in results]
+        idle, busy = [], 0.0
+        for prompt in prompts:  # tokens/s over the requests' own time, the pauses left out
+            await asyncio.sleep(args.idle_pause)
+            sent = time.monotonic()
+            idle.append(await _stream(client, name, prompt, args.max_tokens))
+            busy += time.monotonic() - sent
+        idle_line = _report("idle", idle, busy, pause_s=args.idle_pause, round=round_)
+        count = args.poisson_requests
+        arrivals = time.monotonic() + 0.05 + np.cumsum(rng.exponential(1.0 / args.rate, size=count)) - 1.0 / args.rate
+        poisson = await _concurrently(client, name, [prompts[i % len(prompts)] for i in range(count)],
+                                      args.max_tokens, list(arrivals))
+        loaded = _report("poisson", poisson[0], poisson[1], rate=args.rate, max_num_seqs=args.max_num_seqs,
+                         round=round_)
+        throughput.append(round(conc["tokens_per_second"] / one["tokens_per_second"], 2))
+        ttft.append(round(loaded["ttft_p99"] / idle_line["ttft_p50"], 2))
+        runs.append((one_at_a_time, together[0], idle, poisson[0]))
+    texts = [r[0] for r in runs[0][0]]
+    results = [results for run in runs for results in run]
     print(json.dumps({"bench": "serve", "mode": "summary",
-                      "throughput_ratio": float(np.median(ratios)), "throughput_ratio_per_round": ratios,
-                      "ttft_p99_loaded_over_p50_idle": round(loaded["ttft_p99"] / idle_line["ttft_p50"], 2),
-                      "ttft_p99_loaded_over_p50_one_at_a_time":
-                          round(loaded["ttft_p99"] / _percentiles([r[1] for r in one_at_a_time], 0.5)[0], 2),
-                      "same_text_as_alone": all([r[0] for r in results] == texts for results in runs + [idle])
-                      and [texts[i % len(texts)] for i in range(count)] == [r[0] for r in poisson[0]],
-                      "lost": (args.requests * (2 * args.rounds + 1) + count
-                               - sum(len(results) for results in runs + [idle]) - len(poisson[0]))}), flush=True)
+                      "throughput_ratio": float(np.median(throughput)), "throughput_ratio_per_round": throughput,
+                      "ttft_p99_loaded_over_p50_idle": float(np.median(ttft)),
+                      "ttft_p99_loaded_over_p50_idle_per_round": ttft,
+                      "same_text_as_alone": all([r[0] for r in rs] == [texts[i % len(texts)] for i in range(len(rs))]
+                                                for rs in results),
+                      "lost": (args.requests * 3 + args.poisson_requests) * args.rounds - sum(map(len, results))}),
+          flush=True)
 
     if args.memory_requests:
         client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
