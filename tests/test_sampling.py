@@ -132,3 +132,16 @@ def test_chi_square_notices_a_wrong_temperature():
     observed = np.append(counts[keep], counts[~keep].sum())
     expected = np.append(expected[keep], expected[~keep].sum())
     assert stats.chisquare(observed, expected * observed.sum() / expected.sum())[1] < 1e-3
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    """OpenAI's definition, by hand: logit[j] -= frequency * count[j] + presence * (count[j] > 0), counted
+    over the generated tokens (the prompt's are left to the repetition penalty), after that penalty."""
+    logits = np.array([[1.0, -2.0, 3.0, 0.5, 4.0], [1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    histories = [[0, 1, 4, 4, 2], [3]]  # prompt [0, 1], then generated [4, 4, 2]; prompt [3], nothing yet
+    scores = process_logits(logits, params, histories, [[4, 4, 2], []])
+    expected = np.array([[0.5, -4.0, 1.5 - 0.75, 0.5, 2.0 - 1.0], [1.0, 1.0, 1.0, 0.5, 1.0]], np.float32)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=-2.5).validate()

@@ -289,6 +289,39 @@ def test_seeded_sampling_is_reproducible_and_logprobs_are_log_probabilities(serv
     assert lp.token_logprobs[0] == pytest.approx(log_softmax.max(), abs=1e-4)
 
 
+def test_presence_and_frequency_penalties_follow_openai_formula(server):
+    """Greedy with OpenAI's penalties: each token is the argmax of the model's raw logits after the YAML's
+    repetition penalty (HF's rule, over prompt and output) and ``logit -= frequency * count + presence *
+    (count > 0)`` over the tokens generated so far, written out here step by step."""
+    ids = _encode(server, PROMPTS[9])
+    penalty = server.model.config.repetition_penalty
+
+    def reference(presence, frequency, steps=12):
+        new = []
+        for _ in range(steps):
+            out = server.model.generate([ids + new], max_new_tokens=1, do_sample=False, repetition_penalty=1.0,
+                                        eos_token_id=[], return_dict_in_generate=True, output_logits=True)
+            logits = out.logits[0][0].astype(np.float64)
+            for token in set(ids + new):
+                logits[token] = logits[token] * penalty if logits[token] < 0 else logits[token] / penalty
+            for token in set(new):
+                logits[token] -= frequency * new.count(token) + presence
+            new.append(int(np.argmax(logits)))
+        return new
+
+    baseline = reference(0.0, 0.0)
+    for presence, frequency in ((0.7, 1.3), (-1.5, -2.0)):  # negative values favour repeating a token
+        expected = reference(presence, frequency)
+        res = server.client.completions.create(model=server.name, prompt=PROMPTS[9], max_tokens=12, temperature=0,
+                                               presence_penalty=presence, frequency_penalty=frequency,
+                                               extra_body={"ignore_eos": True})
+        assert res.choices[0].text == server.tokenizer.decode(expected, skip_special_tokens=True)
+    assert expected != baseline  # the penalties changed that completion
+    for field in ("presence_penalty", "frequency_penalty"):
+        code, err = _post(server, {"model": server.name, "prompt": "x", field: 2.5})
+        assert code == 400 and err["error"]["param"] == field, err
+
+
 def _post(server, body, path="/v1/completions"):
     status, _, text = _http(server, "POST", path, body)
     return status, json.loads(text)

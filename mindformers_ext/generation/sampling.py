@@ -1,7 +1,9 @@
 """Next-token choice from float32 logits (batch, vocab): greedy, or sampling after HF's warpers.
 
 Order as HF's ``generate``: repetition penalty, then temperature, top-k, top-p, then softmax and a
-draw from a seeded NumPy generator (reproducible for a given seed).
+draw from a seeded NumPy generator (reproducible for a given seed). OpenAI's presence and frequency
+penalties (the server's; ``generate`` has none, as HF's) come right after the repetition penalty, as in
+vLLM's sampler.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0   # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
 
     def validate(self) -> None:
         """Reject values HF also rejects, naming the field."""
@@ -31,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, histories: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
@@ -42,6 +49,19 @@ def apply_repetition_penalty(logits: np.ndarray, histories: Sequence[Sequence[in
         ids = np.unique(np.asarray(seen, dtype=np.int64))
         vals = out[row, ids]
         out[row, ids] = np.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def apply_presence_frequency_penalties(logits: np.ndarray, generated: Sequence[Sequence[int]], presence: float,
+                                       frequency: float) -> np.ndarray:
+    """OpenAI's penalties over each row's generated tokens (not its prompt, as vLLM):
+    ``logit[j] -= frequency * count[j] + presence * (count[j] > 0)``."""
+    if presence == 0 and frequency == 0:
+        return logits
+    out = logits.copy()
+    for row, tokens in enumerate(generated):
+        ids, counts = np.unique(np.asarray(tokens, dtype=np.int64), return_counts=True)
+        out[row, ids] -= np.float32(frequency) * counts.astype(np.float32) + np.float32(presence)
     return out
 
 
@@ -77,10 +97,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def process_logits(logits: np.ndarray, params: SamplingParams, histories: Sequence[Sequence[int]]) -> np.ndarray:
+def process_logits(logits: np.ndarray, params: SamplingParams, histories: Sequence[Sequence[int]],
+                   generated: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
     """The scores the next token is chosen from (HF's ``scores``): float32 logits (batch, vocab) after
-    the repetition penalty and, when sampling, temperature, top-k and top-p (removed tokens -inf)."""
+    the repetition penalty (over ``histories``: prompt and generated tokens), the presence and frequency
+    penalties (over ``generated``, needed when either is set) and, when sampling, temperature, top-k
+    and top-p (removed tokens -inf)."""
     logits = apply_repetition_penalty(logits.astype(np.float32), histories, params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        if generated is None:
+            raise ValueError("presence_penalty / frequency_penalty need the generated tokens")
+        logits = apply_presence_frequency_penalties(logits, generated, params.presence_penalty,
+                                                    params.frequency_penalty)
     if not params.do_sample:
         return logits
     logits = logits / np.float32(params.temperature)

@@ -7,7 +7,8 @@ Prometheus-style ``GET /metrics``. Errors are OpenAI's JSON (``{"error": {"messa
 "code"}}``): 400 for bad requests (the message names the field), 404 for an unknown model, 503 when
 the queue is full. Sampling defaults not set by a request come from the model's generation config
 (as vLLM does): without ``temperature`` the YAML's ``do_sample`` / ``top_k`` / ``top_p`` /
-``repetition_penalty`` apply; ``temperature: 0`` is greedy.
+``repetition_penalty`` apply; ``temperature: 0`` is greedy. OpenAI's ``presence_penalty`` and
+``frequency_penalty`` (default 0) count the tokens generated so far, not the prompt's, as vLLM does.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class _Sampling(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -98,15 +101,17 @@ class ServedModel:
 
 
 def _sampling(body: _Sampling, defaults: SamplingParams) -> SamplingParams:
-    penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
+    penalties = dict(repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None
+                     else body.repetition_penalty,
+                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
     if body.temperature is None:  # the model's own generation defaults, overridden field by field
         return SamplingParams(defaults.do_sample, defaults.temperature,
                               defaults.top_k if body.top_k is None else body.top_k,
-                              defaults.top_p if body.top_p is None else body.top_p, penalty)
+                              defaults.top_p if body.top_p is None else body.top_p, **penalties)
     if body.temperature == 0:
-        return SamplingParams(False, 1.0, 0, 1.0, penalty)
+        return SamplingParams(False, 1.0, 0, 1.0, **penalties)
     return SamplingParams(True, body.temperature, body.top_k or 0,
-                          1.0 if body.top_p is None else body.top_p, penalty)
+                          1.0 if body.top_p is None else body.top_p, **penalties)
 
 
 def _stops(stop: Optional[Union[str, list[str]]]) -> tuple:

@@ -418,7 +418,8 @@ class Engine:
         for rows in groups.values():
             params = seqs[rows[0]].request.sampling
             scores = process_logits(logits[rows] if len(rows) < len(seqs) else logits, params,
-                                    [list(seqs[r].request.prompt_ids) + seqs[r].generated for r in rows])
+                                    [list(seqs[r].request.prompt_ids) + seqs[r].generated for r in rows],
+                                    [seqs[r].generated for r in rows])
             if params.do_sample:
                 tokens[rows] = [draw(scores[i:i + 1], params, seqs[r].rng)[0] for i, r in enumerate(rows)]
             else:
