@@ -148,6 +148,22 @@ def test_completion_equals_generate(server):
     assert echo.choices[0].text == PROMPTS[1] + expected
 
 
+def test_prompts_given_as_token_ids(server):
+    """OpenAI's "array of tokens" (one prompt) and "array of token arrays" (several): the same completions as
+    generate of those ids; ids outside the vocabulary and fill-in-the-middle of ids are refused."""
+    ids = [_encode(server, p) for p in PROMPTS[4:6]]
+    expected = [_text(server, _reference(server, i, 10))[0] for i in ids]
+    several = server.client.completions.create(model=server.name, prompt=ids, max_tokens=10)
+    assert [c.text for c in several.choices] == expected
+    one = server.client.completions.create(model=server.name, prompt=ids[1], max_tokens=10, echo=True)
+    assert one.choices[0].text == PROMPTS[5] + expected[1] and one.usage.prompt_tokens == len(ids[1])
+    vocab = server.model.config.vocab_size
+    for body, param in (({"prompt": [5, vocab]}, "prompt"), ({"prompt": [[5], [-1]]}, "prompt"),
+                        ({"prompt": ids[0], "suffix": "x"}, "suffix")):
+        code, res = _post(server, {"model": server.name, "max_tokens": 2, **body})
+        assert code == 400 and res["error"]["param"] == param, res
+
+
 def test_stream_is_server_sent_events_ending_with_done(server):
     expected, _ = _text(server, _reference(server, _encode(server, PROMPTS[0]), 24))
     body = {"model": server.name, "prompt": PROMPTS[0], "max_tokens": 24, "stream": True}

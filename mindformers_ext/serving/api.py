@@ -70,7 +70,7 @@ class _Sampling(BaseModel):
 
 class CompletionBody(_Sampling):
     """``POST /v1/completions``."""
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # text(s), or token ids (one list or several)
     suffix: Optional[str] = None
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
@@ -112,6 +112,16 @@ def _sampling(body: _Sampling, defaults: SamplingParams) -> SamplingParams:
         return SamplingParams(False, 1.0, 0, 1.0, **penalties)
     return SamplingParams(True, body.temperature, body.top_k or 0,
                           1.0 if body.top_p is None else body.top_p, **penalties)
+
+
+def _prompt_list(prompt: Union[str, list]) -> list:
+    """A completion request's prompts: strings, or lists of token ids (OpenAI's "array of tokens" is one
+    prompt, its "array of token arrays" several)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
 
 
 def _stops(stop: Optional[Union[str, list[str]]]) -> tuple:
@@ -352,20 +362,29 @@ def build_app(served: ServedModel) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        prompts = _prompt_list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt: at least one prompt is needed", "prompt")
+        vocab = engine.model.config.vocab_size
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < vocab] if isinstance(p, list) else []
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the model's vocabulary (0 to {vocab - 1})",
+                               "prompt")
         stop_ids: tuple = ()
         if body.suffix is not None:
             if fim_stops is None:
                 raise APIError(400, f"suffix: the {served.family} family has no fill-in-the-middle tokens", "suffix")
             if body.echo:
                 raise APIError(400, "echo: not supported together with suffix", "echo")
+            if any(isinstance(p, list) for p in prompts):
+                raise APIError(400, "suffix: fill-in-the-middle needs a text prompt, not token ids", "suffix")
             texts = [build_fim_prompt(p, body.suffix, served.family) for p in prompts]
             stop_ids = fim_stops
         else:
             texts = prompts
-        encoded = [[int(t) for t in tokenizer(t, add_special_tokens=True)["input_ids"]] for t in texts]
+        encoded = [p if isinstance(p, list) else [int(t) for t in tokenizer(p, add_special_tokens=True)["input_ids"]]
+                   for p in texts]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
         params = _sampling(body, served.defaults)
         stops = _stops(body.stop)
@@ -377,7 +396,8 @@ def build_app(served: ServedModel) -> FastAPI:
         collector = _Collector(mailbox())
         ids = submit(reqs, collector)
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-        prefix = [p if body.echo else "" for p in prompts]
+        prefix = [(tokenizer.decode(p, skip_special_tokens=True) if isinstance(p, list) else p) if body.echo else ""
+                  for p in prompts]
         if body.stream:
             def chunk(index: int, event: Event) -> dict:
                 text = prefix[index] + event.text
