@@ -145,3 +145,14 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=-2.5).validate()
+
+
+def test_logit_bias_is_added_to_the_raw_logits_first():
+    """OpenAI's logit_bias: added to the model's logits before anything else (here before the repetition
+    penalty, which then divides the biased positive logit)."""
+    logits = np.array([[1.0, -2.0, 3.0]], np.float32)
+    params = SamplingParams(repetition_penalty=2.0, logit_bias=((0, 5.0), (2, -10.0)))
+    scores = process_logits(logits, params, [[0, 2]])
+    np.testing.assert_allclose(scores, [[3.0, -2.0, -14.0]], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),)).validate()

@@ -338,6 +338,30 @@ def test_presence_and_frequency_penalties_follow_openai_formula(server):
         assert code == 400 and err["error"]["param"] == field, err
 
 
+def test_logit_bias(server):
+    """A bias of 100 on one token makes greedy decoding choose it every time (even after the repetition
+    penalty divides it); -100 on the model's greedy first token makes the first token its runner-up."""
+    ids = _encode(server, PROMPTS[6])
+    out = server.model.generate([ids], max_new_tokens=1, do_sample=False, repetition_penalty=1.0,
+                                return_dict_in_generate=True, output_logits=True)
+    logits = out.logits[0][0].astype(np.float64)
+    for token in set(ids):  # the YAML's repetition penalty, HF's rule
+        penalty = server.model.config.repetition_penalty
+        logits[token] = logits[token] * penalty if logits[token] < 0 else logits[token] / penalty
+    first, runner_up = np.argsort(-logits)[:2]
+    forced = int(np.argsort(-logits)[50])
+    res = server.client.completions.create(model=server.name, prompt=PROMPTS[6], max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert res.choices[0].text == server.tokenizer.decode([forced] * 4, skip_special_tokens=True)
+    res = server.client.completions.create(model=server.name, prompt=PROMPTS[6], max_tokens=1, temperature=0,
+                                           logit_bias={str(first): -100}, logprobs=0)
+    assert res.choices[0].logprobs.tokens == [server.tokenizer.decode([int(runner_up)])]
+    vocab = server.model.config.vocab_size
+    for bias in ({str(vocab): 1}, {"x": 1}, {"5": 101}):
+        code, err = _post(server, {"model": server.name, "prompt": "x", "logit_bias": bias})
+        assert code == 400 and err["error"]["param"] == "logit_bias", err
+
+
 def _post(server, body, path="/v1/completions"):
     status, _, text = _http(server, "POST", path, body)
     return status, json.loads(text)

@@ -1,9 +1,9 @@
 """Next-token choice from float32 logits (batch, vocab): greedy, or sampling after HF's warpers.
 
 Order as HF's ``generate``: repetition penalty, then temperature, top-k, top-p, then softmax and a
-draw from a seeded NumPy generator (reproducible for a given seed). OpenAI's presence and frequency
-penalties (the server's; ``generate`` has none, as HF's) come right after the repetition penalty, as in
-vLLM's sampler.
+draw from a seeded NumPy generator (reproducible for a given seed). The server's OpenAI settings
+(``generate`` has none, as HF's) go where vLLM's sampler puts them: ``logit_bias`` is added to the raw
+logits first, the presence and frequency penalties come right after the repetition penalty.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0   # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
+    logit_bias: tuple = ()  # OpenAI's: (token id, bias) pairs added to the raw logits
 
     def validate(self) -> None:
         """Reject values HF also rejects, naming the field."""
@@ -35,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {dict(self.logit_bias)}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -102,8 +105,12 @@ def process_logits(logits: np.ndarray, params: SamplingParams, histories: Sequen
     """The scores the next token is chosen from (HF's ``scores``): float32 logits (batch, vocab) after
     the repetition penalty (over ``histories``: prompt and generated tokens), the presence and frequency
     penalties (over ``generated``, needed when either is set) and, when sampling, temperature, top-k
-    and top-p (removed tokens -inf)."""
-    logits = apply_repetition_penalty(logits.astype(np.float32), histories, params.repetition_penalty)
+    and top-p (removed tokens -inf); ``params.logit_bias`` is added before all of them."""
+    logits = logits.astype(np.float32)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[:, list(ids)] += np.asarray(biases, np.float32)
+    logits = apply_repetition_penalty(logits, histories, params.repetition_penalty)
     if params.presence_penalty or params.frequency_penalty:
         if generated is None:
             raise ValueError("presence_penalty / frequency_penalty need the generated tokens")

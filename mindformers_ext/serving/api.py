@@ -60,6 +60,7 @@ class _Sampling(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -100,10 +101,11 @@ class ServedModel:
     defaults: SamplingParams
 
 
-def _sampling(body: _Sampling, defaults: SamplingParams) -> SamplingParams:
+def _sampling(body: _Sampling, defaults: SamplingParams, vocab_size: int) -> SamplingParams:
     penalties = dict(repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None
                      else body.repetition_penalty,
-                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                     logit_bias=_logit_bias(body.logit_bias or {}, vocab_size))
     if body.temperature is None:  # the model's own generation defaults, overridden field by field
         return SamplingParams(defaults.do_sample, defaults.temperature,
                               defaults.top_k if body.top_k is None else body.top_k,
@@ -112,6 +114,22 @@ def _sampling(body: _Sampling, defaults: SamplingParams) -> SamplingParams:
         return SamplingParams(False, 1.0, 0, 1.0, **penalties)
     return SamplingParams(True, body.temperature, body.top_k or 0,
                           1.0 if body.top_p is None else body.top_p, **penalties)
+
+
+def _logit_bias(bias: dict, vocab_size: int) -> tuple:
+    """OpenAI's ``logit_bias`` as sorted (token id, bias) pairs; 400 for a key that is not a token id of the
+    model or a bias outside [-100, 100]."""
+    pairs = []
+    for key, value in bias.items():
+        token = int(key) if key.strip().lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of the model (0 to {vocab_size - 1})",
+                           "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
+                           "logit_bias")
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
 
 
 def _prompt_list(prompt: Union[str, list]) -> list:
@@ -179,6 +197,7 @@ def _sse(data: Any) -> str:
 def build_app(served: ServedModel) -> FastAPI:
     """The FastAPI application serving ``served`` (starts and stops the engine's thread with the app)."""
     engine, tokenizer = served.engine, served.tokenizer
+    vocab = engine.model.config.vocab_size  # token ids a request may name: 0 to vocab - 1
     eot = _token_id(tokenizer, "<|EOT|>")
     chat_stops = (eot,) if eot is not None else ()
     try:
@@ -365,7 +384,6 @@ def build_app(served: ServedModel) -> FastAPI:
         prompts = _prompt_list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt: at least one prompt is needed", "prompt")
-        vocab = engine.model.config.vocab_size
         for p in prompts:
             bad = [t for t in p if not 0 <= t < vocab] if isinstance(p, list) else []
             if bad:
@@ -386,7 +404,7 @@ def build_app(served: ServedModel) -> FastAPI:
         encoded = [p if isinstance(p, list) else [int(t) for t in tokenizer(p, add_special_tokens=True)["input_ids"]]
                    for p in texts]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
-        params = _sampling(body, served.defaults)
+        params = _sampling(body, served.defaults, vocab)
         stops = _stops(body.stop)
         reqs = []
         for ids in encoded:
@@ -435,7 +453,7 @@ def build_app(served: ServedModel) -> FastAPI:
                            "max_completion_tokens")
         max_tokens = check_common(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens,
                                   len(prompt_ids))
-        params = _sampling(body, served.defaults)
+        params = _sampling(body, served.defaults, vocab)
         _validate(params)
         req = GenerationRequest(prompt_ids, max_tokens, params, body.seed, _stops(body.stop), chat_stops,
                                 ignore_eos=body.ignore_eos)
