@@ -258,6 +258,36 @@ def test_chat_completion_uses_the_family_template_and_stops_at_end_of_turn(serve
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
 
 
+def test_chat_logprobs(server):
+    """Chat's ``logprobs``: an entry per completion token, streamed or not, with the token's log-probability
+    under the model (log-softmax of generate's raw logits), its UTF-8 bytes and ``top_logprobs``
+    alternatives, most probable first."""
+    messages = [{"role": "user", "content": "Print hello."}]
+    ids = [int(t) for t in server.tokenizer(apply_chat_template(messages, server.tokenizer, family=server.family),
+                                            add_special_tokens=False)["input_ids"]]
+    first = _reference(server, ids, 1)[0]
+    out = server.model.generate([ids], max_new_tokens=1, do_sample=False, repetition_penalty=1.0,
+                                return_dict_in_generate=True, output_logits=True)
+    raw = out.logits[0][0].astype(np.float64)
+    log_softmax = raw - raw.max() - np.log(np.exp(raw - raw.max()).sum())
+    kwargs = dict(model=server.name, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    res = server.client.chat.completions.create(**kwargs)
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens
+    assert content[0].token == server.tokenizer.decode([first])
+    assert content[0].logprob == pytest.approx(log_softmax[first], abs=1e-4)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    top = [t.logprob for t in content[0].top_logprobs]
+    assert len(top) == 3 and top == sorted(top, reverse=True) and top[0] == pytest.approx(log_softmax.max(), abs=1e-4)
+    streamed = [entry for chunk in server.client.chat.completions.create(stream=True, **kwargs)
+                for entry in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert server.client.chat.completions.create(model=server.name, messages=messages, max_tokens=2
+                                                 ).choices[0].logprobs is None
+    code, err = _post(server, {"model": server.name, "messages": messages, "top_logprobs": 2}, "/v1/chat/completions")
+    assert code == 400 and err["error"]["param"] == "top_logprobs", err
+
+
 def test_fill_in_the_middle_with_suffix(server):
     prefix, suffix = "def area(r):\n    ", "\n    return result\n"
     ids = _encode(server, build_fim_prompt(prefix, suffix, server.family))

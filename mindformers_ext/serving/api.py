@@ -88,6 +88,8 @@ class ChatBody(_Sampling):
     """``POST /v1/chat/completions``."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 @dataclass
@@ -338,6 +340,17 @@ def build_app(served: ServedModel) -> FastAPI:
         return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
 
+    def chat_logprobs(events: list, asked: bool) -> Optional[dict]:
+        """The chat API's ``logprobs`` of these events' tokens (None unless the request ``asked`` for them)."""
+        if not asked:
+            return None
+        entries = [lp for e in events for lp in (e.logprobs or [])]
+
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"content": [{**entry(token, value), "top_logprobs": [entry(t, v) for t, v in top.items()]}
+                            for token, value, top in entries]}
+
     @app.get("/health")
     async def health():
         if not engine.alive:
@@ -455,8 +468,10 @@ def build_app(served: ServedModel) -> FastAPI:
                                   len(prompt_ids))
         params = _sampling(body, served.defaults, vocab)
         _validate(params)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
         req = GenerationRequest(prompt_ids, max_tokens, params, body.seed, _stops(body.stop), chat_stops,
-                                ignore_eos=body.ignore_eos)
+                                (body.top_logprobs or 0) if body.logprobs else None, body.ignore_eos)
         collector = _Collector(mailbox())
         ids = submit([req], collector)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -469,7 +484,8 @@ def build_app(served: ServedModel) -> FastAPI:
                     delta = {"role": "assistant", **delta}
                     first[0] = False
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                        "choices": [{"index": index, "delta": delta, "finish_reason": event.finish_reason}]}
+                        "choices": [{"index": index, "delta": delta, "finish_reason": event.finish_reason,
+                                     "logprobs": chat_logprobs([event], body.logprobs)}]}
             include = bool((body.stream_options or {}).get("include_usage"))
             usage = (lambda u: {"id": cid, "object": "chat.completion.chunk", "created": created,
                                 "model": served.name, "choices": [], "usage": usage_of(*u)}) if include else None
@@ -480,7 +496,7 @@ def build_app(served: ServedModel) -> FastAPI:
         evs = events[0]
         return {"id": cid, "object": "chat.completion", "created": created, "model": served.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
-                             "finish_reason": evs[-1].finish_reason}],
+                             "logprobs": chat_logprobs(evs, body.logprobs), "finish_reason": evs[-1].finish_reason}],
                 "usage": usage_of(evs[-1].prompt_tokens, evs[-1].completion_tokens)}
 
     return app
