@@ -58,9 +58,9 @@ class _Sampling(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    presence_penalty: Optional[float] = None  # ranges: SamplingParams.validate
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (a JSON key, so a string) -> bias
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -120,15 +120,12 @@ def _sampling(body: _Sampling, defaults: SamplingParams, vocab_size: int) -> Sam
 
 def _logit_bias(bias: dict, vocab_size: int) -> tuple:
     """OpenAI's ``logit_bias`` as sorted (token id, bias) pairs; 400 for a key that is not a token id of the
-    model or a bias outside [-100, 100]."""
+    model (the biases' range is checked with the other settings, :meth:`SamplingParams.validate`)."""
     pairs = []
     for key, value in bias.items():
         token = int(key) if key.strip().lstrip("-").isdigit() else None
         if token is None or not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias: {key!r} is not a token id of the model (0 to {vocab_size - 1})",
-                           "logit_bias")
-        if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
                            "logit_bias")
         pairs.append((token, float(value)))
     return tuple(sorted(pairs))
