@@ -218,7 +218,8 @@ async def _bench(args, url: str, pid: int, base: str) -> int:
     from openai import OpenAI  # pylint: disable=import-outside-toplevel
 
     client = (RawStreams if args.client == "raw" else OpenAIStreams)(url)
-    name = OpenAI(base_url=url, api_key="none", max_retries=0).models.list().data[0].id
+    plain = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)  # models, and the leak check
+    name = plain.models.list().data[0].id
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     await _stream(client, name, prompts[0], 4)  # warm the HTTP path
 
@@ -262,12 +263,11 @@ async def _bench(args, url: str, pid: int, base: str) -> int:
           flush=True)
 
     if args.memory_requests:
-        client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
         rss = [round(_rss_mb(pid), 1)]
         half = args.memory_requests // 2
         for count in (half, args.memory_requests - half):  # RSS after each half: a leak keeps growing
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                list(pool.map(lambda i: client.completions.create(
+                list(pool.map(lambda i: plain.completions.create(
                     model=name, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=4).choices[0].text, range(count)))
             while _metric(base, "mfx_running_requests") or _metric(base, "mfx_queue_length"):
                 time.sleep(0.05)
