@@ -10,7 +10,8 @@ from mindformers_ext.layers.embedding import VocabEmbedding
 from mindformers_ext.layers.linear import ms_dtype
 from mindformers_ext.layers.norm import RMSNorm
 from mindformers_ext.layers.rotary import RotaryEmbedding
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import (ShardedCell, fuse_outer_gradients, parallel_sizes, pin_stages,
+                                           pipeline_layers, vocab_emb_dp)
 
 
 class PreNormDecoderLayer(ShardedCell):
@@ -62,6 +63,7 @@ class RotaryDecoderModel(ShardedCell):
                                 config.param_init_type)
         self.norm_out.shard(dp, mp)
         pin_stages(pp, first=(self.tok_embeddings,), last=(self.norm_out,))
+        fuse_outer_gradients(config, pp, self.tok_embeddings, self.norm_out)
 
     def construct(self, input_ids, position_ids, mask, cache=None, slot=None, decode=False):
         """-> (hidden, updated cache tuple or (), summed auxiliary loss). Without ``cache``: the S tokens,

@@ -38,7 +38,8 @@ from mindformers_ext.layers import (FusedLinear, GeluMLP, GroupedAttentionCore, 
                                     VocabEmbedding, ms_dtype)
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes, pin_stages, pipeline_layers, vocab_emb_dp
+from mindformers_ext.parallel.shard import (ShardedCell, fuse_outer_gradients, parallel_sizes, pin_stages,
+                                           pipeline_layers, vocab_emb_dp)
 from research.wizardcoder.wizardcoder_config import WizardCoderConfig
 
 __all__ = ["GPTBigCodeFamilyForCausalLM", "WizardCoderForCausalLM", "WizardCoderLMHeadModel", "WizardCoderProcessor"]
@@ -192,6 +193,7 @@ class GPTBigCodeModel(ShardedCell):
                                   config.param_init_type)
         self.norm_out.shard(dp, mp)
         pin_stages(pp, first=(self.tok_embeddings, self.position_embeddings), last=(self.norm_out,))
+        fuse_outer_gradients(config, pp, self.tok_embeddings, self.position_embeddings, self.norm_out)
 
     def embed(self, input_ids, position_ids):
         """Token plus position embeddings, in the compute dtype."""

@@ -1,6 +1,7 @@
-"""recompute_config on our decoder layers: applied as MindFormers' LayerSetting applies it to its own
-models (off CPU), left off with a warning on CPU, bad values refused; recomputing leaves the gradients as
-they are."""
+"""Per-layer training settings of upstream MindFormers' YAMLs on our models, as MindFormers' LayerSetting
+applies them to its own: recompute_config (off CPU; on CPU left off with a warning; bad values refused;
+recomputing leaves the gradients as they are), gradient all-reduce fusion groups, and the sequence-split
+settings our layers do not apply (refused or reported)."""
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -21,8 +22,8 @@ def _recomputed(cell) -> bool:
     return "output_recompute" in cell.get_flags()
 
 
-def _skeleton(layers=8, **recompute):
-    parallel = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 2}
+def _skeleton(layers=8, parallel=None, **recompute):
+    parallel = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 2, **(parallel or {})}
     if recompute:
         parallel["recompute"] = recompute
     config = DeepSeekCoderConfig.from_preset("deepseek-coder-1.3b", num_layers=layers, seq_length=64, batch_size=1,
@@ -110,3 +111,40 @@ def test_recomputed_layers_give_the_same_gradients(tmp_path, family):
     assert grads.keys() == grads_rc.keys()
     for name, grad in grads.items():
         np.testing.assert_allclose(grads_rc[name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _fusion(cell) -> set:
+    return {p.comm_fusion for p in cell.trainable_params()}
+
+
+@pytest.mark.parametrize("group, pipeline, expected", [
+    (4, 1, [1, 1, 2, 2, 3, 3, 4, 4]),  # 8 layers in groups of (8 + 1) // 4 = 2
+    (2, 1, [1, 1, 1, 1, 2, 2, 2, 2]),
+    (4, 2, [2] * 8),                    # pipeline parallel: one group
+])
+def test_gradient_fusion_groups_follow_gradient_aggregation_group(group, pipeline, expected):
+    from research.wizardcoder import WizardCoderConfig, WizardCoderForCausalLM
+
+    parallel = {"gradient_aggregation_group": group, "pipeline_stage": pipeline}
+    model = _skeleton(parallel=parallel)
+    assert [_fusion(layer) for layer in model.model.layers] == [{g} for g in expected]
+    outer = 2 if pipeline > 1 else group
+    assert _fusion(model.model.tok_embeddings) == _fusion(model.model.norm_out) == {outer}
+    config = WizardCoderConfig(num_layers=8, batch_size=1, parallel_config={
+        "data_parallel": 1, "model_parallel": 1, "micro_batch_num": 2, **parallel})
+    model = build_skeleton(WizardCoderForCausalLM, config)
+    assert [_fusion(layer) for layer in model.model.layers] == [{g} for g in expected]
+    for cell in (model.model.tok_embeddings, model.model.position_embeddings, model.model.norm_out):
+        assert _fusion(cell) == {outer}
+
+
+def test_sequence_splits_are_refused_or_reported(monkeypatch):
+    with pytest.raises(ValueError, match=r"parallel_config\.context_parallel: 2 is not supported"):
+        _skeleton(parallel={"context_parallel": 2})
+    messages = []
+    monkeypatch.setattr(shard, "logger", SimpleNamespace(warning=messages.append))
+    _skeleton(parallel={"use_seq_parallel": True})
+    assert len(messages) == 1 and "parallel_config.use_seq_parallel: True is not applied" in messages[0]
+    messages.clear()
+    _skeleton(parallel={"use_seq_parallel": False, "context_parallel": 1})
+    assert not messages
