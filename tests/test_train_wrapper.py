@@ -112,6 +112,33 @@ def _regression_step(accumulation, x, y, per_token=False):
     return init, _weights(net), losses
 
 
+def test_steps_whose_global_norm_spikes_are_skipped(monkeypatch):
+    """MFTrainOneStepCell's use_skip_data_by_global_norm: a step whose global gradient norm (loss scale
+    divided out, before clipping) is not below global_norm_spike_threshold leaves the weights as they were;
+    the others update as usual. MFTrainOneStepCell's diagnostics are reported as not done."""
+    from mindformers_ext.runner import wrapper
+
+    net = LinearLoss()
+    step = PortableTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=1.0), use_clip_grad=True,
+                                    max_grad_norm=100.0, scale_sense=4.0, use_skip_data_by_global_norm=True,
+                                    global_norm_spike_threshold=5.0)
+    before = net.w.asnumpy().copy()
+    _, overflow, _, _, norm = step(Tensor(np.array([3.0, 4.0], np.float32)))  # norm 5: not below 5
+    assert not bool(overflow.asnumpy()) and float(norm.asnumpy()) == pytest.approx(5.0)
+    np.testing.assert_array_equal(net.w.asnumpy(), before)
+    _, _, _, _, norm = step(Tensor(np.array([2.4, 3.2], np.float32)))  # norm 4: w <- w - x
+    assert float(norm.asnumpy()) == pytest.approx(4.0)
+    np.testing.assert_allclose(net.w.asnumpy(), before - np.array([2.4, 3.2]), rtol=1e-6)
+    with pytest.raises(ValueError, match="use_skip_data_by_global_norm: True needs use_clip_grad: True"):
+        PortableTrainOneStepCell(net, nn.SGD(net.trainable_params(), 1.0), use_skip_data_by_global_norm=True)
+    messages = []
+    monkeypatch.setattr(wrapper, "logger", type("Recorder", (), {"warning": lambda *a: messages.append(a[0] % a[1:])}))
+    PortableTrainOneStepCell(net, nn.SGD(net.trainable_params(), 1.0), local_norm=True, print_separate_loss=False,
+                             lr_scheduler=None)
+    assert messages == ["runner_wrapper.local_norm: True is not done by PortableTrainOneStepCell (an "
+                        "MFTrainOneStepCell diagnostic); training runs as without it"]
+
+
 def test_accumulation_equals_one_step_on_the_concatenated_batch():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 3)).astype(np.float32)

@@ -12,6 +12,8 @@ which CPU lacks. This wrapper does the same job with ordinary operators:
 * loss scale: static (a number / Tensor: an overflowing step is skipped) or dynamic
   (``scale_sense`` a ``DynamicLossScaleUpdateCell``: the step is skipped and the scale lowered);
 * gradient clipping by global norm, merged with the loss-scale division into one multiplication;
+* MFTrainOneStepCell's ``use_skip_data_by_global_norm``: a step whose global norm reaches
+  ``global_norm_spike_threshold`` leaves the weights as they were;
 * gradient accumulation inside one call: the batch is split into ``gradient_accumulation_steps``
   micro-batches whose gradients are averaged before one optimizer update (one call = one step, so
   learning-rate schedules, step counters and checkpoints count optimizer updates). MindFormers
@@ -82,11 +84,11 @@ def _finite_one(value):
     return ops.IsFinite()(value)
 
 
-# Keyword arguments MindFormers' trainer passes to every wrapper (base_trainer.create_model_wrapper)
-# or that MFTrainOneStepCell YAMLs carry, which have no effect here.
-_ACCEPTED_EXTRA = ("parallel_config", "global_norm_spike_threshold", "use_skip_data_by_global_norm",
-                   "print_separate_loss", "lr_scheduler", "grouped_lr_scheduler", "local_norm",
-                   "micro_batch_num", "use_grad_norm")
+# Keyword arguments MindFormers' trainer passes to every wrapper (base_trainer.create_model_wrapper),
+# which have no effect here.
+_ACCEPTED_EXTRA = ("parallel_config", "lr_scheduler", "grouped_lr_scheduler", "micro_batch_num", "use_grad_norm")
+# MFTrainOneStepCell's diagnostics (per-group gradient norms, the MoE losses printed apart): reported, not done.
+_DIAGNOSTICS = ("local_norm", "print_separate_loss")
 
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)
@@ -107,18 +109,33 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
             step divides by the count summed over micro-batches and, under data parallel, over
             ranks: the loss and the update are the token mean of the whole global batch, whatever
             the number of scored tokens on each rank or micro-batch (the reported loss too).
+        use_skip_data_by_global_norm: skip the update of a step whose (unscaled, unclipped) global
+            gradient norm is not below ``global_norm_spike_threshold`` (MFTrainOneStepCell's switch;
+            needs ``use_clip_grad``, which computes the norm).
+        global_norm_spike_threshold: that threshold.
         **kwargs: the other arguments MindFormers passes to wrappers (``parallel_config``,
-            ``lr_scheduler``, ...); accepted and ignored.
+            ``lr_scheduler``, ...), which have no effect here; MFTrainOneStepCell's ``local_norm`` and
+            ``print_separate_loss`` are reported as not done when set.
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Cell, use_clip_grad: bool = False,
                  max_grad_norm: float = 1.0, scale_sense: Union[int, float, Tensor, nn.Cell] = 1.0,
                  gradient_accumulation_steps: int = 1, calculate_per_token_loss: bool = False,
+                 use_skip_data_by_global_norm: bool = False, global_norm_spike_threshold: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(network, optimizer, sens=None)
-        unknown = sorted(set(kwargs) - set(_ACCEPTED_EXTRA))
+        unknown = sorted(set(kwargs) - set(_ACCEPTED_EXTRA) - set(_DIAGNOSTICS))
         if unknown:
             logger.warning("PortableTrainOneStepCell ignores the arguments %s", unknown)
+        for key in _DIAGNOSTICS:
+            if kwargs.get(key):
+                logger.warning("runner_wrapper.%s: %r is not done by PortableTrainOneStepCell (an "
+                               "MFTrainOneStepCell diagnostic); training runs as without it", key, kwargs[key])
+        self.skip_spikes = bool(use_skip_data_by_global_norm)
+        if self.skip_spikes and not use_clip_grad:
+            raise ValueError("runner_wrapper.use_skip_data_by_global_norm: True needs use_clip_grad: True, which "
+                             "computes the global gradient norm it compares with global_norm_spike_threshold")
+        self.spike_threshold = float(global_norm_spike_threshold)
         steps = 1 if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
         if steps < 1:
             raise ValueError(f"runner_wrapper.gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
@@ -246,5 +263,9 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
                 learning_rate = self.learning_rate(self.optimizer.global_step).reshape(())
 
         if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
+            if self.skip_spikes:
+                if global_norm < self.spike_threshold:
+                    loss = ops.depend(loss, self.optimizer(grads))
+            else:
+                loss = ops.depend(loss, self.optimizer(grads))
         return loss, overflow, scale, learning_rate, global_norm
