@@ -2,6 +2,7 @@
 applies them to its own: recompute_config (off CPU; on CPU left off with a warning; bad values refused;
 recomputing leaves the gradients as they are), gradient all-reduce fusion groups, and the sequence-split
 settings our layers do not apply (refused or reported)."""
+import os
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -15,6 +16,8 @@ from mindformers_ext.parallel import build_skeleton, shard
 from mindformers_ext.parallel.shard import recompute_layers
 from research.deepseek1_5 import DeepSeekCoderConfig, DeepSeekCoderForCausalLM
 from wizardcoder_util import make_tiny_bigcode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _recomputed(cell) -> bool:
@@ -148,3 +151,27 @@ def test_sequence_splits_are_refused_or_reported(monkeypatch):
     messages.clear()
     _skeleton(parallel={"use_seq_parallel": False, "context_parallel": 1})
     assert not messages
+
+
+def test_static_check_reports_and_checks_recompute_config(tmp_path):
+    """tools/check_parallel.py: the recompute each pipeline stage gets on Ascend, and a bad setting refused
+    before a job is launched."""
+    import yaml
+
+    from mindformers_ext.parallel.yaml_check import check_yaml
+
+    shipped = os.path.join(REPO, "research", "deepseek2", "finetune_deepseek2_236B.yaml")  # 60 layers, pp 2
+    assert check_yaml(shipped)[-1] == "recompute per pipeline stage: [30, 30] layers whole, [0, 0] attention cores"
+    with open(shipped, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    doc["recompute_config"].update(recompute=[4, 0], select_recompute=[6, 2])
+    path = tmp_path / "select.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert check_yaml(str(path))[-1] == "recompute per pipeline stage: [4, 0] layers whole, [2, 2] attention cores"
+    doc["recompute_config"]["recompute"] = [1, 1, 1]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"select\.yaml: recompute_config\.recompute: \[1, 1, 1\] has 3 layer counts"):
+        check_yaml(str(path))
+    doc["recompute_config"].update(recompute=False, select_recompute=False)
+    path.write_text(yaml.safe_dump(doc))
+    assert "recompute" not in check_yaml(str(path))[-1]

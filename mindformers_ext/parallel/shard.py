@@ -118,7 +118,7 @@ _RECOMPUTE_ON_CPU = ("recompute_config: {what} is not applied on CPU: it trades 
 
 
 def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
-                     device_target: Optional[str] = None) -> None:
+                     device_target: Optional[str] = None) -> tuple[list, list]:
     """Upstream MindFormers' ``recompute_config`` (carried as ``parallel_config.recompute``) on our decoder
     layers, as MindFormers' ``LayerSetting`` applies it to its own models.
 
@@ -128,11 +128,12 @@ def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
     sum: the activations that grow with the sequence length squared). MindFormers' op-name patterns are
     refused: they name the operators of MindFormers' own layers. ``mp_comm_recompute`` and
     ``recompute_slice_activation`` go to ``Cell.recompute``. On CPU (``device_target``, default the
-    context's) nothing is recomputed and a warning says why.
+    context's) nothing is recomputed and a warning says why. Returns, per pipeline stage, how many layers
+    are (or off CPU would be) recomputed whole and by their attention core.
     """
     settings = getattr(config.parallel_config, "recompute", None)
     if settings is None:
-        return
+        return [0] * max(stages, 1), [0] * max(stages, 1)
     if isinstance(settings, dict):
         settings = SimpleNamespace(**settings)
     per_stage = [0] * max(stages, 1)
@@ -141,14 +142,15 @@ def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
         per_stage[stage] += 1
     whole = _recompute_counts(getattr(settings, "recompute", False), "recompute", per_stage)
     select = _recompute_counts(getattr(settings, "select_recompute", False), "select_recompute", per_stage)
+    attention = [max(s - w, 0) for w, s in zip(whole, select)]  # select applies to the layers not recomputed whole
     if not any(whole) and not any(select):
-        return
+        return whole, attention
     if (device_target or ms.get_context("device_target")) == "CPU":
         what = " and ".join(f"{key}: {value!r}" for key, value in (
             ("recompute", getattr(settings, "recompute", False)),
             ("select_recompute", getattr(settings, "select_recompute", False))) if value)
         logger.warning(_RECOMPUTE_ON_CPU.format(what=what))
-        return
+        return whole, attention
     options = {key: bool(getattr(settings, key)) for key in ("mp_comm_recompute", "recompute_slice_activation")
                if hasattr(settings, key)}
     position = [0] * len(per_stage)
@@ -158,6 +160,7 @@ def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
         elif position[stage] < select[stage]:
             layer.attention.core.recompute(**options)
         position[stage] += 1
+    return whole, attention
 
 
 def _recompute_counts(value: Any, key: str, per_stage: Sequence[int]) -> list:

@@ -1,12 +1,13 @@
 """Run the static parallel check on a MindFormers YAML (model + parallel_config), weights unallocated."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 
 from mindformers_ext.parallel.check import build_skeleton, check_parallel
-from mindformers_ext.parallel.shard import parallel_sizes
+from mindformers_ext.parallel.shard import parallel_sizes, recompute_layers
 
 
 def _plain(value):
@@ -30,7 +31,8 @@ def load_checked_yaml(path: str) -> MindFormerConfig:
 
 
 def check_yaml(path: str, device_num: Optional[int] = None) -> list[str]:
-    """Check the YAML at ``path`` for ``device_num`` devices (default: dp x mp x pp of its parallel_config)."""
+    """Check the YAML at ``path`` for ``device_num`` devices (default: dp x mp x pp of its parallel_config), and
+    its ``recompute_config`` as it applies on Ascend (a line says how many layers each stage recomputes)."""
     from mindformers_ext.families import load_families
     load_families()  # the research packages' classes in MindFormers' registry
 
@@ -63,8 +65,17 @@ def check_yaml(path: str, device_num: Optional[int] = None) -> list[str]:
         raise ValueError(f"{path}: model.model_config ({config_type}"
                          f"{', with moe_config' if 'moe_config' in model_config else ''}): {err}") from err
     skeleton = build_skeleton(model_cls, config)
+    dp, mp, pp, _ = parallel_sizes(parallel)
     if device_num is None:
-        dp, mp, pp, _ = parallel_sizes(parallel)
         device_num = dp * mp * pp
-    return check_parallel(skeleton, device_num, batch_size=batch,
-                          micro_batch_num=parallel.get("micro_batch_num", 1))
+    lines = check_parallel(skeleton, device_num, batch_size=batch, micro_batch_num=parallel.get("micro_batch_num", 1))
+    recompute = _plain(yaml.get("recompute_config") or {})
+    if recompute:
+        settings = SimpleNamespace(parallel_config=SimpleNamespace(recompute=recompute), offset=config.offset)
+        try:
+            whole, attention = recompute_layers(skeleton.model.layers, settings, pp, device_target="Ascend")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+        if any(whole) or any(attention):
+            lines.append(f"recompute per pipeline stage: {whole} layers whole, {attention} attention cores")
+    return lines
