@@ -109,8 +109,7 @@ def _check_unsplit_sequence(parallel_config: Any) -> None:
                        "device, as with use_seq_parallel: False (same results, more activation memory per device)")
 
 
-# Measured here: llama-150m training at 2 x 512 tokens peaked at 9.4 GB without and 11.1 GB with every
-# layer recomputed, at 3.3 against 4.0 s per step (bench/models.py shapes, PortableAdamW, 2 threads).
+# The numbers: bench/models.py's llama-150m trained with PortableAdamW on 2 threads, every layer recomputed.
 _RECOMPUTE_ON_CPU = ("recompute_config: {what} is not applied on CPU: it trades compute for device memory on "
                      "Ascend, but MindSpore's CPU runtime keeps activations anyway, so recomputing raised peak "
                      "memory and step time here (llama-150m, 2 x 512 tokens: 9.4 -> 11.1 GB, 3.3 -> 4.0 s per step); "
