@@ -68,6 +68,14 @@ def test_cpu_leaves_recompute_off_and_says_why(monkeypatch):
     _skeleton(recompute=False, select_recompute=False)
     _skeleton()
     assert not messages
+    # MindFormers' other op-name pattern settings are reported wherever the model is built
+    layers = _skeleton().model.layers
+    recompute_layers(layers, _settings(recompute=True, select_comm_recompute=True,
+                                       select_recompute_exclude={r"feed_forward\.mul": True}),
+                     device_target="Ascend")
+    assert [m.split(":")[0] for m in messages] == ["recompute_config.select_comm_recompute",
+                                                   "recompute_config.select_recompute_exclude"]
+    assert all(_recomputed(layer) for layer in layers)
 
 
 @pytest.mark.parametrize("value, key, match", [

@@ -109,6 +109,7 @@ def _check_unsplit_sequence(parallel_config: Any) -> None:
                        "device, as with use_seq_parallel: False (same results, more activation memory per device)")
 
 
+_RECOMPUTE_PATTERNS = ("select_comm_recompute", "select_recompute_exclude", "select_comm_recompute_exclude")
 # The numbers: bench/models.py's llama-150m trained with PortableAdamW on 2 threads, every layer recomputed.
 _RECOMPUTE_ON_CPU = ("recompute_config: {what} is not applied on CPU: it trades compute for device memory on "
                      "Ascend, but MindSpore's CPU runtime keeps activations anyway, so recomputing raised peak "
@@ -124,8 +125,9 @@ def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
     ``recompute``: True recomputes every layer in the backward pass (only the layer inputs are kept); a
     list gives, per pipeline stage, how many of its first layers are. ``select_recompute`` (True or such a
     list) recomputes, in the layers not recomputed whole, the attention core (scores, softmax, weighted
-    sum: the activations that grow with the sequence length squared). MindFormers' op-name patterns are
-    refused: they name the operators of MindFormers' own layers. ``mp_comm_recompute`` and
+    sum: the activations that grow with the sequence length squared). MindFormers' op-name patterns name
+    the operators of MindFormers' own layers: refused in ``select_recompute``, reported as not applied in
+    ``select_comm_recompute`` and the ``*_exclude`` settings. ``mp_comm_recompute`` and
     ``recompute_slice_activation`` go to ``Cell.recompute``. On CPU (``device_target``, default the
     context's) nothing is recomputed and a warning says why. Returns, per pipeline stage, how many layers
     are (or off CPU would be) recomputed whole and by their attention core.
@@ -139,6 +141,11 @@ def recompute_layers(layers: Sequence[nn.Cell], config: Any, stages: int = 1,
     stage_of = [pipeline_stage_of(i, len(layers), stages, config.offset) for i in range(len(layers))]
     for stage in stage_of:
         per_stage[stage] += 1
+    for key in _RECOMPUTE_PATTERNS:  # MindFormers' op-name pattern settings, besides select_recompute
+        if getattr(settings, key, None):
+            logger.warning(f"recompute_config.{key}: {getattr(settings, key)!r} is not applied: it selects "
+                           "operators of MindFormers' own layers by name; here recompute_config.recompute (whole "
+                           "layers) and select_recompute (attention cores) choose what is recomputed")
     whole = _recompute_counts(getattr(settings, "recompute", False), "recompute", per_stage)
     select = _recompute_counts(getattr(settings, "select_recompute", False), "select_recompute", per_stage)
     attention = [max(s - w, 0) for w, s in zip(whole, select)]  # select applies to the layers not recomputed whole
