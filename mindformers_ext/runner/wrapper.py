@@ -85,10 +85,11 @@ def _finite_one(value):
 
 
 # Keyword arguments MindFormers' trainer passes to every wrapper (base_trainer.create_model_wrapper),
-# which have no effect here.
-_ACCEPTED_EXTRA = ("parallel_config", "lr_scheduler", "grouped_lr_scheduler", "micro_batch_num", "use_grad_norm")
-# MFTrainOneStepCell's diagnostics (per-group gradient norms, the MoE losses printed apart): reported, not done.
-_DIAGNOSTICS = ("local_norm", "print_separate_loss")
+# which have no effect here (print_separate_loss, True by default there: the losses are printed summed).
+_ACCEPTED_EXTRA = ("parallel_config", "lr_scheduler", "grouped_lr_scheduler", "print_separate_loss",
+                   "micro_batch_num", "use_grad_norm")
+# MFTrainOneStepCell's diagnostic (per-group gradient norms as extra outputs): reported, not done.
+_DIAGNOSTICS = ("local_norm",)
 
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)
@@ -114,8 +115,8 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
             needs ``use_clip_grad``, which computes the norm).
         global_norm_spike_threshold: that threshold.
         **kwargs: the other arguments MindFormers passes to wrappers (``parallel_config``,
-            ``lr_scheduler``, ...), which have no effect here; MFTrainOneStepCell's ``local_norm`` and
-            ``print_separate_loss`` are reported as not done when set.
+            ``lr_scheduler``, ...), which have no effect here; MFTrainOneStepCell's ``local_norm`` is
+            reported as not done when set.
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Cell, use_clip_grad: bool = False,
