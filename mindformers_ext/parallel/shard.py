@@ -67,8 +67,7 @@ def pipeline_layers(layer_class: Callable[..., nn.Cell], config: Any, shard_args
     (``config.offset`` as MindFormers), their gradient all-reduce fusion group and ``recompute_config``."""
     _check_unsplit_sequence(config.parallel_config)
     layers = nn.CellList()
-    group = _setting(config.parallel_config, "gradient_aggregation_group", 4)
-    span = max((config.num_layers + 1) // max(group, 1), 1)
+    span = max((config.num_layers + 1) // max(_aggregation_group(config.parallel_config), 1), 1)
     first_offset = config.offset[0] if isinstance(config.offset, (list, tuple)) else config.offset
     for layer_id in range(config.num_layers):
         layer = layer_class(config, layer_id)
@@ -76,7 +75,7 @@ def pipeline_layers(layer_class: Callable[..., nn.Cell], config: Any, shard_args
         if stages > 1:
             layer.pipeline_stage = pipeline_stage_of(layer_id, config.num_layers, stages, config.offset)
         # ``gradient_aggregation_group`` runs of consecutive layers; a single group under pipeline parallelism
-        layer.set_comm_fusion(2 if stages > 1 else (layer_id + int(first_offset)) // span + 1)
+        layer.set_comm_fusion(_PIPELINE_FUSION_GROUP if stages > 1 else (layer_id + int(first_offset)) // span + 1)
         layers.append(layer)
     recompute_layers(layers, config, stages)
     return layers
@@ -84,9 +83,18 @@ def pipeline_layers(layer_class: Callable[..., nn.Cell], config: Any, shard_args
 
 def fuse_outer_gradients(config: Any, stages: int, *cells: nn.Cell) -> None:
     """The embeddings' and final norm's gradient all-reduce fusion group, as MindFormers' models set it."""
-    group = 2 if stages > 1 else _setting(config.parallel_config, "gradient_aggregation_group", 4)
+    group = _PIPELINE_FUSION_GROUP if stages > 1 else _aggregation_group(config.parallel_config)
     for cell in cells:
         cell.set_comm_fusion(group)
+
+
+# MindFormers' models put every gradient into this one all-reduce fusion group under pipeline parallelism.
+_PIPELINE_FUSION_GROUP = 2
+
+
+def _aggregation_group(parallel_config: Any) -> int:
+    """``parallel_config.gradient_aggregation_group`` (MindFormers' default: 4)."""
+    return int(_setting(parallel_config, "gradient_aggregation_group", 4))
 
 
 def _setting(parallel_config: Any, name: str, default: Any) -> Any:

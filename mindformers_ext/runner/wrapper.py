@@ -88,8 +88,6 @@ def _finite_one(value):
 # which have no effect here (print_separate_loss, True by default there: the losses are printed summed).
 _ACCEPTED_EXTRA = ("parallel_config", "lr_scheduler", "grouped_lr_scheduler", "print_separate_loss",
                    "micro_batch_num", "use_grad_norm")
-# MFTrainOneStepCell's diagnostic (per-group gradient norms as extra outputs): reported, not done.
-_DIAGNOSTICS = ("local_norm",)
 
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)
@@ -125,13 +123,12 @@ class PortableTrainOneStepCell(nn.TrainOneStepCell):
                  use_skip_data_by_global_norm: bool = False, global_norm_spike_threshold: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(network, optimizer, sens=None)
-        unknown = sorted(set(kwargs) - set(_ACCEPTED_EXTRA) - set(_DIAGNOSTICS))
+        unknown = sorted(set(kwargs) - set(_ACCEPTED_EXTRA) - {"local_norm"})
         if unknown:
             logger.warning("PortableTrainOneStepCell ignores the arguments %s", unknown)
-        for key in _DIAGNOSTICS:
-            if kwargs.get(key):
-                logger.warning("runner_wrapper.%s: %r is not done by PortableTrainOneStepCell (an "
-                               "MFTrainOneStepCell diagnostic); training runs as without it", key, kwargs[key])
+        if kwargs.get("local_norm"):  # MFTrainOneStepCell's per-group gradient norms, returned as extra outputs
+            logger.warning("runner_wrapper.local_norm: %r is not done by PortableTrainOneStepCell (an "
+                           "MFTrainOneStepCell diagnostic); training runs as without it", kwargs["local_norm"])
         self.skip_spikes = bool(use_skip_data_by_global_norm)
         if self.skip_spikes and not use_clip_grad:
             raise ValueError("runner_wrapper.use_skip_data_by_global_norm: True needs use_clip_grad: True, which "
