@@ -16,7 +16,8 @@ from mindformers_ext.convert import (CkptWriter, ConversionError, Layout, Safete
                                      read_ckpt_index, read_safetensors_header)
 from mindformers_ext.convert.cli import main as cli_main
 from mindformers_ext.convert.maps.llama import NAMES
-from mindformers_ext.convert.weight_map import fill, split_name
+from mindformers_ext.convert.weight_map import fill, hf_shapes, split_name
+from rss_util import RSS_SCRIPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -483,24 +484,21 @@ def test_configs_from_our_yaml_and_config_object(hf, tmp_path):
 # ------------------------------------------------------- a map's stacked / concatenated / split / transposed entries
 def _moe_map():
     """A DeepSeek-V2-like toy map: experts stacked (and transposed), q/k/v fused, an HF-fused tensor split."""
-    def shapes(cfg):
+    def shapes(cfg):  # ours: experts stacked then transposed, q/k/v fused, the HF c_attn split in two
         h, e, f, n = cfg["hidden"], cfg["experts"], cfg["ffn"], cfg["layers"]
-        out = {"embed": (10, h)}
+        out = {"tok.embedding": (10, h)}
         for i in range(n):
-            for j in range(e):
-                out[f"layers.{i}.experts.{j}.up"] = (f, h)
-            for p in ("q", "k", "v"):
-                out[f"layers.{i}.attn.{p}"] = (h if p == "q" else h // 2, h)
-            out[f"layers.{i}.c_attn"] = (2 * h, h)
+            out.update({f"layers.{i}.moe.w_up": (e, h, f), f"layers.{i}.wqkv": (2 * h, h),
+                        f"layers.{i}.wq2": (h, h), f"layers.{i}.wkv2": (h, h)})
         return out
     return WeightMap(
-        name="toy", hf_shapes=shapes, hf_config=dict,
+        name="toy", shapes=shapes, hf_config=dict,
         names={"embed": "tok.embedding",
                "layers.{}.experts.{}.up": "layers.{}.moe.w_up",  # one {} more: stacked
                "layers.{}.attn.q": "layers.{}.wqkv", "layers.{}.attn.k": "layers.{}.wqkv",  # concatenated
                "layers.{}.attn.v": "layers.{}.wqkv",
                "layers.{}.c_attn": ("layers.{}.wq2", "layers.{}.wkv2")},  # split
-        split_rows=lambda c: [c["hidden"], c["hidden"]],
+        part_rows=lambda template, shape, c: [c["hidden"], c["hidden"] // 2, c["hidden"] // 2],
         layouts={"layers.{}.moe.w_up": Layout(axes=(0, 2, 1))},
     )
 
@@ -512,7 +510,7 @@ def test_stack_concat_and_transform_rules_roundtrip(tmp_path):
     wmap = _moe_map()
     cfg = {"hidden": 8, "experts": 3, "ffn": 6, "layers": 2}
     rng = np.random.default_rng(0)
-    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in wmap.hf_shapes(cfg).items()}
+    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in hf_shapes(wmap, cfg).items()}
     src = tmp_path / "src"
     src.mkdir()
     save_file(tensors, str(src / "model.safetensors"))
@@ -582,34 +580,6 @@ def test_cli_end_to_end(hf, tmp_path):
         seed_cli["main"](["--model", "wizardcoder", "--input_path", hf["sharded"], "--output_path", ckpt + "2"])
 
 
-_RSS_SCRIPT = r"""
-import json, sys, types
-# Load the converter without running mindformers_ext/__init__.py (which imports MindFormers, ~0.7 GB):
-# the converter does not need it, and a small baseline keeps the measurement honest.
-pkg = types.ModuleType("mindformers_ext")
-pkg.__path__ = [sys.argv[1] + "/mindformers_ext"]
-sys.modules["mindformers_ext"] = pkg
-from mindformers_ext.convert import convert
-
-src, out, label = sys.argv[2], sys.argv[3], sys.argv[4]
-kwargs = {"forward": dict(source=src, target=out + "/m.ckpt"),
-          "forward_bf16": dict(source=src, target=out + "/b.ckpt", dtype="bfloat16"),
-          "reverse": dict(source=out + "/m.ckpt", target=out + "/hf", reverse=True, config=src + "/config.json",
-                          max_shard_size="200MB")}[label]
-
-
-def peak_kib():
-    # VmHWM: this process' own peak RSS. (ru_maxrss would do, but after fork + exec it also carries the
-    # parent's peak, here the whole pytest process.)
-    with open("/proc/self/status") as f:
-        return int([line for line in f if line.startswith("VmHWM")][0].split()[1])
-
-base = peak_kib()
-convert(weight_map="llama", progress=False, **kwargs)
-print(json.dumps([base, peak_kib()]))
-"""
-
-
 def test_peak_rss_stays_near_one_tensor(tmp_path):
     """9 tensors of 64 MiB (576 MiB): converting must not hold more than ~a tensor at once."""
     if not os.path.exists("/proc/self/status"):
@@ -620,7 +590,7 @@ def test_peak_rss_stays_near_one_tensor(tmp_path):
     (src / "config.json").write_text(json.dumps(dict(
         model_type="llama", hidden_size=side, intermediate_size=side, num_hidden_layers=1, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=side, tie_word_embeddings=False)))
-    shapes = get_weight_map("llama").hf_shapes(json.loads((src / "config.json").read_text()))
+    shapes = hf_shapes(get_weight_map("llama"), json.loads((src / "config.json").read_text()))
     block = np.linspace(-1, 1, side * side, dtype=np.float32).reshape(side, side)
     infos = [TensorInfo(n, "F32", s) for n, s in shapes.items()]
     with SafetensorsWriter(str(src / "model.safetensors"), infos, {"format": "pt"}) as w:
@@ -630,7 +600,8 @@ def test_peak_rss_stays_near_one_tensor(tmp_path):
     tensor_kib = side * side * 4 // 1024
     grew = {}
     for label in ("forward", "forward_bf16", "reverse"):
-        run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, REPO, str(src), str(tmp_path), label],
+        run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, REPO, str(src), str(tmp_path), label, "llama",
+                              "200MB"],
                              cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         base, peak = json.loads(run.stdout.strip().splitlines()[-1])

@@ -12,7 +12,9 @@ import pytest
 from mindformers_ext.convert import ConversionError, SafetensorsWriter, TensorInfo, get_weight_map
 from mindformers_ext.convert.cli import main as cli_main
 from mindformers_ext.convert.maps.deepseek2 import rope_permutation
+from mindformers_ext.convert.weight_map import hf_shapes
 from deepseek2_reference import make_tiny_deepseek2
+from rss_util import RSS_SCRIPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,28 +165,6 @@ def test_conversion_errors_name_the_tensor(hf_dirs, tmp_path, capsys):
     assert "n_routed_experts=16" in err and "[n_routed_experts, hidden_size]" in err
 
 
-_RSS_SCRIPT = r"""
-import json, sys, types
-pkg = types.ModuleType("mindformers_ext")  # the converter alone, without importing MindFormers
-pkg.__path__ = [sys.argv[1] + "/mindformers_ext"]
-sys.modules["mindformers_ext"] = pkg
-from mindformers_ext.convert import convert
-
-src, out, label = sys.argv[2], sys.argv[3], sys.argv[4]
-kwargs = {"forward": dict(source=src, target=out + "/m.ckpt"),
-          "reverse": dict(source=out + "/m.ckpt", target=out + "/hf", reverse=True, config=src + "/config.json",
-                          max_shard_size="32MB")}[label]
-
-def peak_kib():
-    with open("/proc/self/status") as f:
-        return int([line for line in f if line.startswith("VmHWM")][0].split()[1])
-
-base = peak_kib()
-convert(weight_map="deepseek2", progress=False, **kwargs)
-print(json.dumps([base, peak_kib()]))
-"""
-
-
 def test_expert_stacking_streams_layer_by_layer(tmp_path):
     """6 MoE layers of 8 experts (3 x 16 MiB stacked per layer, 288 MiB in all), one safetensors shard
     per layer: converting holds about one layer's experts, not the model."""
@@ -197,7 +177,7 @@ def test_expert_stacking_streams_layer_by_layer(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(cfg))
-    shapes = get_weight_map("deepseek2").hf_shapes(cfg)
+    shapes = hf_shapes(get_weight_map("deepseek2"), cfg)
     index = {}
     for layer in range(-1, cfg["num_hidden_layers"]):
         names = [n for n in shapes if (n.startswith(f"model.layers.{layer}.") if layer >= 0
@@ -213,7 +193,8 @@ def test_expert_stacking_streams_layer_by_layer(tmp_path):
     env = {**os.environ, "LOG_MF_PATH": str(tmp_path / "log")}
     grew = {}
     for label in ("forward", "reverse"):
-        run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, REPO, str(src), str(tmp_path), label],
+        run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, REPO, str(src), str(tmp_path), label, "deepseek2",
+                              "32MB"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         base, peak = json.loads(run.stdout.strip().splitlines()[-1])

@@ -23,7 +23,7 @@ from mindformers_ext.convert.quantize import quantize_stream, quantized_outputs,
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import FLOATS, STORAGE, ConversionError, TensorEntry, TensorInfo, normalize_dtype
 from mindformers_ext.convert.weight_map import (Layout, WeightMap, check_map_config, get_weight_map, load_config,
-                                                moves, our_shapes, split_name, weight_map_for_model_type)
+                                                hf_shapes, moves, split_name, weight_map_for_model_type)
 from mindformers_ext.interrupts import raise_on_signals
 
 
@@ -61,16 +61,17 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
     cfg = check_map_config(wmap, config)
     wmap = wmap.for_config(cfg)
     try:
-        hf = wmap.hf_shapes(cfg)
-        ours = our_shapes(wmap, cfg, hf)
-    except (KeyError, TypeError, IndexError) as exc:
+        ours = wmap.shapes(cfg)
+        hf = hf_shapes(wmap, cfg, ours)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        if isinstance(exc, ConversionError):
+            raise
         where = os.fspath(config_origin) if isinstance(config_origin, (str, os.PathLike)) else "the config"
         kind = cfg.get("model_type")
         what = f" (model_type {kind!r})" if kind else ""
-        key = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        raise ConversionError(f"{where}{what} is not a {wmap.name} config: the {wmap.name} weight map needs "
-                              f"{key!r}, which it lacks; is --model {wmap.name} the right model for "
-                              f"{source.path}?") from None
+        why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConversionError(f"{where}{what} is not a {wmap.name} config: the {wmap.name} model cannot be built "
+                              f"from it ({why}); is --model {wmap.name} the right model for {source.path}?") from None
     src_side, (src_shapes, dst_shapes) = ("hf", (hf, ours)) if to == "ours" else ("ours", (ours, hf))
     summary = wmap.summary(cfg)
     ignores = [re.compile(p) for p in wmap.ignore_patterns(src_side, cfg)]
@@ -104,7 +105,7 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
     if code and code not in FLOATS:
         raise ConversionError(f"cannot convert tensors to {code}")
     steps = []
-    for move in moves(wmap, cfg):
+    for move in moves(wmap, cfg, ours):
         src, dst = (move.hf, move.ours) if to == "ours" else (move.ours, move.hf)
         dtypes = {code if code and by_name[n].dtype in FLOATS else by_name[n].dtype for n in src}
         if len(dtypes) != 1:

@@ -17,7 +17,7 @@ from mindformers_ext.convert.engine import ConversionResult, convert, mindspore_
 from mindformers_ext.convert.sources import WeightSource, open_source
 from mindformers_ext.convert.tensors import ConversionError, TensorEntry
 from mindformers_ext.convert.weight_map import (BUILTIN_MAPS, UPSTREAM_SUFFIX, WeightMap, check_map_config,
-                                                get_weight_map, load_config)
+                                                get_weight_map, hf_shapes, load_config)
 
 _FAMILY_TITLE = {"deepseek2": "DeepSeek-V2", "wizardcoder": "WizardCoder", "llama": "DeepSeek-Coder (Llama)"}
 # what the on-the-fly mapping changes, for the log line
@@ -159,7 +159,7 @@ def _shard_hint(wmap: WeightMap, config: Any, entries: Sequence[TensorEntry], pa
     is one rank's part of a distributed save; None when its shapes differ otherwise."""
     try:
         hf_cfg = check_map_config(wmap, config)
-        expected = wmap.for_config(hf_cfg).hf_shapes(hf_cfg)
+        expected = hf_shapes(wmap.for_config(hf_cfg), hf_cfg)
     except (ConversionError, KeyError, TypeError, ValueError):
         return None
     factors, example = set(), None

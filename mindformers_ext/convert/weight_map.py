@@ -5,19 +5,22 @@ A map is a dict of ``{}``-templated name pairs (litgpt's ``copy_weights_hf_llama
 components fill the ``{}``s. The few entries that are more than a rename say so in the dict itself:
 
 * an HF template with one more ``{}`` than ours (MoE experts): stacked along a new axis 0, in index order;
-* several HF templates naming one of ours: concatenated along axis 0 in dict order;
-* a tuple of our templates: the HF tensor is split along axis 0 into them (``WeightMap.split_rows``);
+* several HF templates naming one of ours: concatenated along axis 0 in dict order (``WeightMap.part_rows``);
+* a tuple of our templates: the HF tensor is split along axis 0 into them;
 * ``WeightMap.layouts``: our template -> :class:`Layout` (rows permuted and/or axes transposed);
 * ``WeightMap.qkv_concat``: the family's variant for checkpoints of ``qkv_concat`` models (upstream
   MindFormers' fused ``w_qkv`` / ``w_gate_hidden``: several HF tensors concatenated, rows in
   :func:`grouped_rows` order).
 
-HF shapes come from the map's ``hf_shapes(config)``; ours follow from the moves, so each shape is stated once.
-The "hf" side of the ``*_upstream`` maps is the layout of checkpoints written by upstream MindFormers.
+Our tensors and their shapes come from the model itself (:func:`skeleton`: the family's model built from the
+config without weights); the HF side's follow from them through the map (:func:`hf_shapes`), so no shape is
+written down twice. The "hf" side of the ``*_upstream`` maps is the layout of checkpoints written by upstream
+MindFormers.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -133,10 +136,11 @@ class WeightMap:
 
     name: str  # --model
     names: Mapping[str, Union[str, tuple[str, ...]]]  # HF template -> ours (a tuple: a split)
-    hf_shapes: Callable[[dict], dict[str, Shape]]  # HF config -> every HF tensor it implies, in order
+    shapes: Callable[[dict], dict[str, Shape]]  # HF config -> every tensor of ours, in order (:func:`skeleton`)
     hf_config: Callable[[Any], dict]  # an HF config dict from an HF dict, our config object or YAML dict
     layouts: Mapping[str, Layout] = field(default_factory=dict)  # our template -> Layout
-    split_rows: Optional[Callable[[dict], Sequence[int]]] = None  # HF config -> rows of each part of a split
+    # (our template, its shape before the layout, HF config) -> rows of each HF tensor concatenated into it
+    part_rows: Optional[Callable[[str, Shape, dict], Sequence[int]]] = None
     hf_ignore: Ignore = ()  # regexes (full match) of source names to skip, or a function of the HF config
     ours_ignore: Ignore = MS_TRAINING_STATE
     shape_notes: Mapping[str, str] = field(default_factory=dict)  # template -> how the config sets its shape
@@ -181,65 +185,83 @@ class WeightMap:
 def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
     """The map of ``family``'s checkpoints written by upstream MindFormers (its "hf" side): ``fields`` replace
     the family's; the config reader, the summary and the training-state ignore rules stay."""
-    base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, split_rows=None,
+    base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, part_rows=None,
                 shape_notes={}, model_types=(), select=None, qkv_concat=None)
     return dataclasses.replace(family, **{**base, **fields})
 
 
-def shapes_from_ours(family: WeightMap, names: Mapping[str, str], layouts: Mapping[str, Layout], config: dict,
-                     part_rows: Optional[Callable[[str, Shape, dict], Sequence[int]]] = None) -> dict[str, Shape]:
-    """The other side's shapes of a map whose ``names`` (other template -> ours) and ``layouts`` lead to
-    ``family``'s tensors of ours: axes transposed back, a tensor several are joined into cut into
-    ``part_rows(our_template, shape, config)`` rows."""
-    others: dict[str, list[str]] = {}
-    for other, ours in names.items():
-        others.setdefault(ours, []).append(other)
-    shapes: dict[str, Shape] = {}
-    for name, shape in our_shapes(family, config).items():
-        template, idx = split_name(name)
-        axes = layouts[template].axes if template in layouts else None
-        shape = tuple(shape[i] for i in np.argsort(axes)) if axes else shape
-        rows = part_rows(template, shape, config) if len(others[template]) > 1 else [shape[0]]
-        shapes.update((fill(other, idx), (r,) + shape[1:]) for other, r in zip(others[template], rows))
+def skeleton(model_type: str, **overrides: Any) -> Callable[[dict], dict[str, Shape]]:
+    """A map's ``shapes``: the parameters of the model that loads HF checkpoints of ``model_type``, built for
+    an HF config (with config ``overrides``, e.g. ``qkv_concat=True``) without allocating its weights."""
+    def shapes(config: dict) -> dict[str, Shape]:
+        key = json.dumps(config, sort_keys=True, default=str)
+        return dict(_skeleton_shapes(model_type, key, tuple(sorted(overrides.items()))))
     return shapes
 
 
-def moves(wmap: WeightMap, config: dict) -> list[Move]:
-    """The map expanded for ``config`` (an HF config dict), in the order of ``wmap.hf_shapes``."""
+@functools.lru_cache(maxsize=16)  # the upstream loader tries several configs and map variants of one model
+def _skeleton_shapes(model_type: str, config: str, overrides: tuple) -> dict[str, Shape]:
+    # pylint: disable=import-outside-toplevel
+    from mindspore.nn.utils import no_init_parameters
+
+    from mindformers_ext.families import family_for_hf_model_type
+
+    family = family_for_hf_model_type(model_type)
+    kwargs = {**family.config_from_hf(json.loads(config), "the config"), "use_past": False, **dict(overrides)}
+    with no_init_parameters():
+        model = family.model_class(family.config_class(**kwargs))
+    return {name: tuple(param.shape) for name, param in model.parameters_and_names()}
+
+
+def hf_shapes(wmap: WeightMap, config: dict, ours: Optional[Mapping[str, Shape]] = None) -> dict[str, Shape]:
+    """Every tensor of the map's other side that ``config`` implies, with its shape, in the order of ours
+    (``ours``: ``wmap.shapes(config)``): axes transposed back, stacked tensors unstacked, a tensor that several
+    are concatenated into cut into ``wmap.part_rows``, tensors that one is split into joined again."""
+    ours = wmap.shapes(config) if ours is None else ours
+    others: dict[str, list[str]] = {}  # our template -> the other side's templates that make it, in dict order
+    for other, mine in wmap.names.items():
+        for template in (mine,) if isinstance(mine, str) else mine:
+            others.setdefault(template, []).append(other)
+    shapes: dict[str, Shape] = {}
+    for name, shape in ours.items():
+        template, idx = split_name(name)
+        if template not in others:
+            raise ConversionError(f"weight map {wmap.name!r} does not name the model's tensor {name!r}")
+        axes = wmap.layouts[template].axes if template in wmap.layouts else None
+        shape = tuple(shape[i] for i in np.argsort(axes)) if axes else tuple(shape)
+        first = others[template][0]
+        if not isinstance(wmap.names[first], str):  # split into several of ours: their rows add up
+            hf = fill(first, idx)
+            shapes[hf] = (shapes.get(hf, (0,))[0] + shape[0],) + shape[1:]
+        elif first.count("{}") > len(idx):  # stacked: one of theirs per index of our axis 0
+            shapes.update((fill(first, idx + (j,)), shape[1:]) for j in range(shape[0]))
+        else:
+            rows = wmap.part_rows(template, shape, config) if len(others[template]) > 1 else [shape[0]]
+            shapes.update((fill(other, idx), (r,) + shape[1:]) for other, r in zip(others[template], rows))
+    return shapes
+
+
+def moves(wmap: WeightMap, config: dict, ours: Optional[Mapping[str, Shape]] = None) -> list[Move]:
+    """The map expanded for ``config`` (an HF config dict), in the order of our tensors (``ours``)."""
+    ours = wmap.shapes(config) if ours is None else ours
     groups: dict[tuple[str, ...], list[str]] = {}  # our name(s) -> the HF names they are made of, in order
     stacked = set()
-    for hf in wmap.hf_shapes(config):
+    for hf in hf_shapes(wmap, config, ours):
         template, idx = split_name(hf)
-        ours = wmap.names[template]
-        if isinstance(ours, str) and ours.count("{}") < len(idx):  # one index more: the stacked one (an expert)
-            key = (fill(ours, idx[:-1]),)
+        mine = wmap.names[template]
+        if isinstance(mine, str) and mine.count("{}") < len(idx):  # one index more: the stacked one (an expert)
+            key = (fill(mine, idx[:-1]),)
             stacked.add(key)
         else:
-            key = tuple(fill(t, idx) for t in ((ours,) if isinstance(ours, str) else ours))
+            key = tuple(fill(t, idx) for t in ((mine,) if isinstance(mine, str) else mine))
         groups.setdefault(key, []).append(hf)
     out = []
-    for ours, hf in groups.items():
-        if len(ours) > 1:
-            out.append(Move(tuple(hf), ours, sizes=tuple(wmap.split_rows(config))))
+    for names, hf in groups.items():
+        if len(names) > 1:
+            out.append(Move(tuple(hf), names, sizes=tuple(ours[n][0] for n in names)))
         else:
-            out.append(Move(tuple(hf), ours, ours in stacked, wmap.layouts.get(split_name(ours[0])[0])))
+            out.append(Move(tuple(hf), names, names in stacked, wmap.layouts.get(split_name(names[0])[0])))
     return out
-
-
-def our_shapes(wmap: WeightMap, config: dict, hf_shapes: Optional[dict] = None) -> dict[str, Shape]:
-    """Every tensor of ours that ``config`` implies, with its shape (from the HF shapes and the moves)."""
-    hf_shapes = wmap.hf_shapes(config) if hf_shapes is None else hf_shapes
-    shapes: dict[str, Shape] = {}
-    for move in moves(wmap, config):
-        parts = [tuple(hf_shapes[n]) for n in move.hf]
-        whole = ((len(parts),) + parts[0] if move.stack else (sum(p[0] for p in parts),) + parts[0][1:])
-        if move.layout is not None:
-            whole = move.layout.ours_shape(whole)
-        if len(move.ours) == 1:
-            shapes[move.ours[0]] = whole
-        else:
-            shapes.update((n, (rows,) + whole[1:]) for n, rows in zip(move.ours, move.sizes))
-    return shapes
 
 
 # ------------------------------------------------------------------------------------------- registry

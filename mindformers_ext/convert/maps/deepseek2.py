@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, shapes_from_ours,
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, skeleton,
                                                 tied_head, upstream_map)
 
 L = "model.layers.{}."
@@ -96,57 +96,6 @@ SHAPE_NOTES = {
 }
 
 
-def _is_moe(cfg: dict, layer: int) -> bool:
-    return (cfg.get("n_routed_experts") is not None and layer >= cfg.get("first_k_dense_replace", 0)
-            and layer % (cfg.get("moe_layer_freq") or 1) == 0)
-
-
-def _mlp(prefix: str, inter: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}gate_proj.weight": (inter, hidden), f"{prefix}up_proj.weight": (inter, hidden),
-            f"{prefix}down_proj.weight": (hidden, inter)}
-
-
-def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF DeepSeek-V2 checkpoint with this config.json, with its shape."""
-    hidden, heads, vocab = cfg["hidden_size"], cfg["num_attention_heads"], cfg["vocab_size"]
-    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    q_lora, kv_lora = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
-    bias = cfg.get("attention_bias", False)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not cfg.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i in range(cfg["num_hidden_layers"]):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-        if q_lora:
-            shapes[a + "q_a_proj.weight"] = (q_lora, hidden)
-            if bias:
-                shapes[a + "q_a_proj.bias"] = (q_lora,)
-            shapes[a + "q_a_layernorm.weight"] = (q_lora,)
-            shapes[a + "q_b_proj.weight"] = (heads * (nope + rope), q_lora)
-        else:
-            shapes[a + "q_proj.weight"] = (heads * (nope + rope), hidden)
-        shapes[a + "kv_a_proj_with_mqa.weight"] = (kv_lora + rope, hidden)
-        shapes[a + "kv_a_layernorm.weight"] = (kv_lora,)
-        shapes[a + "kv_b_proj.weight"] = (heads * (nope + v), kv_lora)
-        shapes[a + "o_proj.weight"] = (hidden, heads * v)
-        if bias:
-            shapes[a + "kv_a_proj_with_mqa.bias"] = (kv_lora + rope,)
-            shapes[a + "o_proj.bias"] = (hidden,)
-        if _is_moe(cfg, i):
-            experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
-            shapes[p + "mlp.gate.weight"] = (experts, hidden)
-            for j in range(experts):
-                shapes.update(_mlp(f"{p}mlp.experts.{j}.", inter, hidden))
-            shared = (cfg.get("n_shared_experts") or 0) * inter
-            if shared:
-                shapes.update(_mlp(f"{p}mlp.shared_experts.", shared, hidden))
-        else:
-            shapes.update(_mlp(f"{p}mlp.", cfg["intermediate_size"], hidden))
-    return shapes
-
-
 def _family() -> Any:
     from mindformers_ext.families import family_for_weight_map  # pylint: disable=import-outside-toplevel
     return family_for_weight_map("deepseek2")
@@ -161,7 +110,7 @@ hf_config = config_reader(
 WEIGHT_MAP = WeightMap(
     name="deepseek2",
     names=NAMES,
-    hf_shapes=hf_shapes,
+    shapes=skeleton("deepseek_v2"),
     hf_config=hf_config,
     layouts=LAYOUTS,
     hf_ignore=tied_head(r"lm_head\.weight", False,
@@ -227,7 +176,7 @@ def _upstream_map(gmm: bool, split: bool) -> WeightMap:
         WEIGHT_MAP,
         name="deepseek2_upstream" + ("_gmm" if gmm else "") + ("_mla_split" if split else ""),
         names=names,
-        hf_shapes=lambda cfg: shapes_from_ours(WEIGHT_MAP, names, layouts, cfg, _split_rows),
+        part_rows=_split_rows,
         layouts=layouts,
         shape_notes={ROUTER: "[n_routed_experts, hidden_size]",
                      EXPERTS.replace("{w}", "w1"): "[n_routed_experts, moe_intermediate_size, hidden_size]"

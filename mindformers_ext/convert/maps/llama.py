@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, grouped_rows,
-                                                our_shapes, tied_head, upstream_map)
+                                                skeleton, tied_head, upstream_map)
 
 L = "model.layers.{}."
 NAMES = {
@@ -50,34 +50,6 @@ SHAPE_NOTES = {
 }
 
 
-def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF Llama checkpoint with this config.json, with its shape."""
-    hidden, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = heads * head_dim, kv_heads * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
-                                          "model.norm.weight": (hidden,)}
-    if not cfg.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-        for name, shape in (("q_proj", (q, hidden)), ("k_proj", (kv, hidden)), ("v_proj", (kv, hidden)),
-                            ("o_proj", (hidden, q))):
-            shapes[f"{p}self_attn.{name}.weight"] = shape
-            if cfg.get("attention_bias", False):
-                shapes[f"{p}self_attn.{name}.bias"] = shape[:1]
-        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                            ("down_proj", (hidden, inter))):
-            shapes[f"{p}mlp.{name}.weight"] = shape
-            if cfg.get("mlp_bias", False):
-                shapes[f"{p}mlp.{name}.bias"] = shape[:1]
-    return shapes
-
-
 def _our_config(fields: dict) -> Any:
     from mindformers_ext.models.llama_config import LlamaFamilyConfig  # pylint: disable=import-outside-toplevel
     return LlamaFamilyConfig(**{k: v for k, v in fields.items() if k != "type"})
@@ -95,7 +67,7 @@ hf_config = config_reader("Llama", "num_hidden_layers", "HF", _our_config, lambd
 WEIGHT_MAP = WeightMap(
     name="llama",
     names=NAMES,
-    hf_shapes=hf_shapes,
+    shapes=skeleton("llama"),
     hf_config=hf_config,
     # Old HF checkpoints (DeepSeek-Coder v1 among them) store the RoPE inverse frequencies.
     hf_ignore=tied_head(r"lm_head\.weight", False, (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)),
@@ -109,15 +81,23 @@ WEIGHT_MAP = WeightMap(
 
 def qkv_rows(rows: int, cfg: dict) -> np.ndarray:
     """Row order of ``w_qkv`` over [q; k; v]: per key/value head, its queries, its key, its value."""
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = rows // (heads + 2 * kv_heads)
-    return grouped_rows((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), kv_heads)
+    return grouped_rows(_fused_rows("attention.w_qkv", (rows,), cfg), cfg.get("num_key_value_heads") or
+                        cfg["num_attention_heads"])
 
 
 def gate_up_rows(rows: int, cfg: dict) -> np.ndarray:  # pylint: disable=unused-argument
     """Row order of ``w_gate_hidden`` over [gate; up]: interleaved."""
     return grouped_rows((rows // 2, rows // 2), rows // 2)
+
+
+def _fused_rows(template: str, shape: tuple[int, ...], cfg: dict) -> list[int]:
+    """Rows of q, k, v in ``w_qkv`` (of gate, up in ``w_gate_hidden``)."""
+    if "w_qkv" not in template:
+        return [shape[0] // 2] * 2
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = shape[0] // (heads + 2 * kv_heads)
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
 
 
 QKV_CONCAT_NAMES = dict(NAMES)  # q, k, v (and gate, up) name one tensor of ours: concatenated in this order
@@ -127,11 +107,11 @@ for _hf, _fused in (("self_attn.q_proj", "attention.w_qkv"), ("self_attn.k_proj"
     for _kind in ("weight", "bias"):
         QKV_CONCAT_NAMES[f"{L}{_hf}.{_kind}"] = f"{L}{_fused}.{_kind}"
 QKV_CONCAT_MAP = dataclasses.replace(
-    WEIGHT_MAP, name="llama_qkv_concat", names=QKV_CONCAT_NAMES,
+    WEIGHT_MAP, name="llama_qkv_concat", names=QKV_CONCAT_NAMES, shapes=skeleton("llama", qkv_concat=True),
+    part_rows=_fused_rows,
     layouts={f"{L}{fused}.{kind}": Layout(rows=rows) for fused, rows in (("attention.w_qkv", qkv_rows),
                                                                           ("feed_forward.w_gate_hidden", gate_up_rows))
              for kind in ("weight", "bias")})
 WEIGHT_MAP = dataclasses.replace(WEIGHT_MAP, qkv_concat=QKV_CONCAT_MAP)
 
-UPSTREAM_MAP = upstream_map(WEIGHT_MAP, names={ours: ours for ours in NAMES.values()},
-                            hf_shapes=lambda cfg: our_shapes(WEIGHT_MAP, cfg))
+UPSTREAM_MAP = upstream_map(WEIGHT_MAP, names={ours: ours for ours in NAMES.values()})

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from mindformers_ext.convert.tensors import ConversionError
-from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, shapes_from_ours,
+from mindformers_ext.convert.weight_map import (MS_TRAINING_STATE, Layout, WeightMap, config_reader, skeleton,
                                                 tied_head, upstream_map)
 
 H = "transformer.h.{}."
@@ -41,23 +41,6 @@ for _kind in ("weight", "bias"):
     MULTI_HEAD_NAMES[f"{H}attn.c_attn.{_kind}"] = f"{L}attention.c_attn.{_kind}"
 
 
-def _head_dim(cfg: dict) -> int:
-    return _embd(cfg) // _heads(cfg)
-
-
-def _embd(cfg: dict) -> int:
-    return int(cfg.get("n_embd") or cfg["hidden_size"])
-
-
-def _heads(cfg: dict) -> int:
-    return int(cfg.get("n_head") or cfg["num_attention_heads"])
-
-
-def _q_kv_rows(cfg: dict) -> list[int]:
-    """Rows of the multi-query ``c_attn``: q (n_embd), then k and v (head_dim each)."""
-    return [_embd(cfg), 2 * _head_dim(cfg)]
-
-
 MULTI_QUERY_NAMES = dict(COMMON)
 for _kind in ("weight", "bias"):  # split into two of ours
     MULTI_QUERY_NAMES[f"{H}attn.c_attn.{_kind}"] = (f"{L}attention.q_attn.{_kind}", f"{L}attention.kv_attn.{_kind}")
@@ -76,34 +59,6 @@ SHAPE_NOTES = {
     H + "mlp.c_fc.weight": "[n_inner, n_embd] (n_inner defaults to 4 * n_embd)",
     H + "mlp.c_proj.weight": "[n_embd, n_inner]",
 }
-
-
-def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF GPT-BigCode checkpoint with this config.json, with its shape."""
-    embd, heads = _embd(cfg), _heads(cfg)
-    layers = int(cfg.get("n_layer") or cfg["num_hidden_layers"])
-    positions = int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 2048)
-    inner = int(cfg.get("n_inner") or 4 * embd)
-    vocab = int(cfg["vocab_size"])
-    qkv = embd + 2 * embd // heads if cfg.get("multi_query", True) else 3 * embd
-    shapes: dict[str, tuple[int, ...]] = {
-        "transformer.wte.weight": (vocab, embd),
-        "transformer.wpe.weight": (positions, embd),
-        "transformer.ln_f.weight": (embd,),
-        "transformer.ln_f.bias": (embd,),
-    }
-    if not cfg.get("tie_word_embeddings", True):
-        shapes["lm_head.weight"] = (vocab, embd)
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        for norm in ("ln_1", "ln_2"):
-            shapes[f"{p}{norm}.weight"] = (embd,)
-            shapes[f"{p}{norm}.bias"] = (embd,)
-        for name, shape in (("attn.c_attn", (qkv, embd)), ("attn.c_proj", (embd, embd)),
-                            ("mlp.c_fc", (inner, embd)), ("mlp.c_proj", (embd, inner))):
-            shapes[f"{p}{name}.weight"] = shape
-            shapes[f"{p}{name}.bias"] = shape[:1]
-    return shapes
 
 
 def _our_config(fields: dict):
@@ -136,7 +91,7 @@ hf_config = config_reader("GPT-BigCode", "n_embd", "HF GPT-BigCode", _our_config
                           lambda c: hasattr(c, "num_layers") and hasattr(c, "multi_query"), _to_hf, "gpt_bigcode")
 
 
-_COMMON = dict(hf_shapes=hf_shapes, hf_config=hf_config, shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
+_COMMON = dict(shapes=skeleton("gpt_bigcode"), hf_config=hf_config, shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
                # attention-mask buffers some older exports carry
                hf_ignore=tied_head(r"lm_head\.weight", True, (r"transformer\.bias", r"transformer\.masked_bias",
                                                                r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")),
@@ -145,7 +100,7 @@ _COMMON = dict(hf_shapes=hf_shapes, hf_config=hf_config, shape_notes=SHAPE_NOTES
                              "tie_word_embeddings"))
 
 MULTI_HEAD_MAP = WeightMap(name="wizardcoder", names=MULTI_HEAD_NAMES, **_COMMON)
-MULTI_QUERY_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, split_rows=_q_kv_rows, **_COMMON)
+MULTI_QUERY_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, **_COMMON)
 
 
 def select(cfg: dict) -> WeightMap:
@@ -153,7 +108,7 @@ def select(cfg: dict) -> WeightMap:
     return MULTI_QUERY_MAP if cfg.get("multi_query", True) else MULTI_HEAD_MAP
 
 
-WEIGHT_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, split_rows=_q_kv_rows, select=select, **_COMMON)
+WEIGHT_MAP = WeightMap(name="wizardcoder", names=MULTI_QUERY_NAMES, select=select, **_COMMON)
 
 # ------------------------------------------------------------------------------- upstream MindFormers
 B = "backbone.blocks.{}."
@@ -190,13 +145,14 @@ UPSTREAM_SHAPE_NOTES = {
 }
 
 
-def _upstream_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+def _multi_query_only(cfg: dict) -> WeightMap:
     if not cfg.get("multi_query", True):
         raise ConversionError("upstream MindFormers' WizardCoder checkpoints are multi-query only (its converter "
                               "split c_attn into q / k / v of one head); the config says multi_query: False")
-    return shapes_from_ours(MULTI_QUERY_MAP, UPSTREAM_NAMES, TRANSPOSED, cfg, lambda t, shape, c: [shape[0] // 2] * 2)
+    return UPSTREAM_MAP
 
 
-UPSTREAM_MAP = upstream_map(MULTI_QUERY_MAP, names=UPSTREAM_NAMES, hf_shapes=_upstream_shapes, layouts=TRANSPOSED,
+UPSTREAM_MAP = upstream_map(MULTI_QUERY_MAP, names=UPSTREAM_NAMES, layouts=TRANSPOSED, select=_multi_query_only,
+                            part_rows=lambda template, shape, cfg: [shape[0] // 2] * 2,  # k, v of one head
                             hf_ignore=tied_head(r"head\.head_weight", True, MS_TRAINING_STATE),
                             shape_notes=UPSTREAM_SHAPE_NOTES)
