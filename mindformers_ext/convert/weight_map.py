@@ -111,9 +111,6 @@ class Layout:
             array = array[np.argsort(self.rows(array.shape[0], config))]
         return np.ascontiguousarray(array)
 
-    def ours_shape(self, shape: Shape) -> Shape:
-        return tuple(shape[i] for i in self.axes) if self.axes else tuple(shape)
-
 
 @dataclass(frozen=True)
 class Move:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from mindspore import ops
 
-from mindformers_ext.cache import MASK_VALUE
+from mindformers_ext.cache import MASK_VALUE, CachedKV
 from mindformers_ext.layers.linear import ms_dtype
 from mindformers_ext.parallel.shard import ShardedCell
 
-__all__ = ["GroupedAttentionCore", "MASK_VALUE"]
+__all__ = ["GroupedAttentionCore", "CachedSelfAttention", "MASK_VALUE"]
 
 
 class GroupedAttentionCore(ShardedCell):
@@ -76,3 +76,17 @@ class GroupedAttentionCore(ShardedCell):
         out = self.reshape(out, (bs, self.kv_heads, self.group, seq, self.v_dim))
         out = self.transpose_out(out, (0, 3, 1, 2, 4))
         return self.reshape(out, (bs, seq, self.heads * self.v_dim))
+
+
+class CachedSelfAttention(ShardedCell):
+    """What the Llama and GPT-BigCode self-attentions share: the attention ``core`` over the KV cache
+    (:class:`CachedKV`) and the reshape / transposes that take projections to its layout. A subclass
+    passes its core to ``__init__`` first, then builds its projections."""
+
+    def __init__(self, core: GroupedAttentionCore, kv_cache_int8: bool = False) -> None:
+        super().__init__()
+        self.core = core
+        self.kv_cache = CachedKV(kv_cache_int8)
+        self.reshape = ops.Reshape()
+        self.transpose_k = ops.Transpose()
+        self.transpose_v = ops.Transpose()

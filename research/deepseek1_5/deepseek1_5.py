@@ -13,24 +13,25 @@ from typing import Optional
 from mindspore import ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (FusedLinear, GroupedAttentionCore, Linear, PreNormDecoderLayer, RMSNorm,
-                                    RotaryDecoderModel, RotaryEmbedding, SwiGLU)
+from mindformers_ext.cache import CacheSpec
+from mindformers_ext.layers import (CachedSelfAttention, FusedLinear, GroupedAttentionCore, Linear,
+                                    PreNormDecoderLayer, RMSNorm, RotaryDecoderModel, RotaryEmbedding, SwiGLU)
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.llama_config import LlamaFamilyConfig
-from mindformers_ext.parallel.shard import ShardedCell, parallel_sizes
+from mindformers_ext.parallel.shard import parallel_sizes
 from research.deepseek1_5.deepseek1_5_config import DeepSeekCoderConfig
 
 
-class CausalSelfAttention(ShardedCell):
+class CausalSelfAttention(CachedSelfAttention):
     """MHA (kv_heads == heads), GQA (1 < kv_heads < heads) or MQA (kv_heads == 1)."""
 
     def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
                  qkv_bias: bool = False, out_bias: bool = False, compute_dtype: str = "float32",
                  param_init_type: str = "float32", softmax_compute_type: str = "float32",
                  init_std: float = 0.02, kv_cache_int8: bool = False, qkv_concat: bool = False) -> None:
-        super().__init__()
+        super().__init__(GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
+                                              softmax_compute_type), kv_cache_int8)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv_concat = qkv_concat
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
@@ -47,12 +48,6 @@ class CausalSelfAttention(ShardedCell):
         self.wo = Linear(heads * head_dim, hidden_size, out_bias, **linear)
         self.rotary_q = ApplyRotary(heads, head_dim)
         self.rotary_k = ApplyRotary(kv_heads, head_dim)
-        self.core = GroupedAttentionCore(heads, kv_heads, head_dim, head_dim, 1.0 / math.sqrt(head_dim),
-                                         softmax_compute_type)
-        self.kv_cache = CachedKV(kv_cache_int8)
-        self.reshape = ops.Reshape()
-        self.transpose_k = ops.Transpose()
-        self.transpose_v = ops.Transpose()
 
     def shard(self, dp: int, mp: int) -> None:
         """Heads split over model parallel (column-parallel q/k/v, row-parallel output)."""

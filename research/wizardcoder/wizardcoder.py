@@ -33,9 +33,9 @@ from mindspore import ops
 from mindformers.models.llama.llama_processor import LlamaProcessor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindformers_ext.cache import CacheSpec, CachedKV
-from mindformers_ext.layers import (FusedLinear, GeluMLP, GroupedAttentionCore, LayerNorm, Linear, PreNormDecoderLayer,
-                                    VocabEmbedding, ms_dtype)
+from mindformers_ext.cache import CacheSpec
+from mindformers_ext.layers import (CachedSelfAttention, FusedLinear, GeluMLP, GroupedAttentionCore, LayerNorm, Linear,
+                                    PreNormDecoderLayer, VocabEmbedding, ms_dtype)
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.models.gpt_bigcode_config import GPTBigCodeFamilyConfig
 from mindformers_ext.parallel.shard import (ShardedCell, fuse_outer_gradients, parallel_sizes, pin_stages,
@@ -63,7 +63,7 @@ class GPTBigCodeAttentionCore(GroupedAttentionCore):
         self.shard_op("pv", self.pv, ((dp, 1, mp, 1), (dp, 1, 1, 1)), (scores, v), tied=(((0, 3), (1, 2)),))
 
 
-class GPTBigCodeAttention(ShardedCell):
+class GPTBigCodeAttention(CachedSelfAttention):
     """Self-attention with GPT-BigCode's projections (see the module docstring) and a static KV cache
     (K and V of ``kv_heads`` heads: one for multi-query)."""
 
@@ -71,12 +71,14 @@ class GPTBigCodeAttention(ShardedCell):
                  compute_dtype: str = "float32", param_init_type: str = "float32",
                  softmax_compute_type: str = "float32", init_std: float = 0.02, kv_cache_int8: bool = False,
                  qkv_concat: bool = False) -> None:
-        super().__init__()
         if hidden_size % heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by heads ({heads})")
+        head_dim, kv_heads = hidden_size // heads, 1 if multi_query else heads
+        scale = head_dim ** -0.5 if scale_attn_weights else 1.0
+        super().__init__(GPTBigCodeAttentionCore(heads, kv_heads, head_dim, head_dim, scale, softmax_compute_type),
+                         kv_cache_int8)
         self.hidden_size, self.heads, self.multi_query = hidden_size, heads, multi_query
-        self.head_dim = hidden_size // heads
-        self.kv_heads = 1 if multi_query else heads
+        self.head_dim, self.kv_heads = head_dim, kv_heads
         self.fused_mqa = multi_query and qkv_concat
         linear = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
         if self.fused_mqa:
@@ -90,13 +92,6 @@ class GPTBigCodeAttention(ShardedCell):
             self.c_attn = Linear(hidden_size, 3 * hidden_size, True, **linear)
             self.split = ops.Split(3, 3)
         self.c_proj = Linear(hidden_size, hidden_size, True, **linear)
-        scale = self.head_dim ** -0.5 if scale_attn_weights else 1.0
-        self.core = GPTBigCodeAttentionCore(heads, self.kv_heads, self.head_dim, self.head_dim, scale,
-                                            softmax_compute_type)
-        self.kv_cache = CachedKV(kv_cache_int8)
-        self.reshape = ops.Reshape()
-        self.transpose_k = ops.Transpose()
-        self.transpose_v = ops.Transpose()
 
     def shard(self, dp: int, mp: int) -> None:
         """Query heads split over model parallel; the multi-query key/value head is replicated."""
