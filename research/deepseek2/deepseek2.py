@@ -88,6 +88,7 @@ from mindformers_ext.cache import CacheSpec, CachedTensor
 from mindformers_ext.counters import COUNTERS, MOE_DROPPED, new_counter
 from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryDecoderModel, RotaryEmbedding, SwiGLU,
                                     ms_dtype)
+from mindformers_ext.layers.indexed_matmul import indexed_matmul_op
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.parallel.check import ParallelCheckError
@@ -353,6 +354,9 @@ class RoutedExperts(ShardedCell):
         self.cast = ops.Cast()
         self.quantized = False
         self.token_dispatch = True  # False once shard() sets an expert / model parallel layout
+        # decode on CPU: the chosen experts' weights read in place (module docstring); None: gathered
+        float32 = self.compute_dtype == ms.float32 and dtype == ms.float32
+        self.indexed_matmul = indexed_matmul_op() if float32 else None
 
     def quantize_w8a16(self, from_weights: bool = True) -> None:
         """int8 w1 / w2 / w3 with per-expert, per-output-feature scales (weight-only);
@@ -517,11 +521,18 @@ class RoutedExperts(ShardedCell):
         """x (N, hidden), indices / weights (N, k) -> (N, hidden), reading only the chosen experts (or,
         in a static-shape graph with N * k >= E, every expert once in place)."""
         n, k = indices.shape
+        flat = ops.reshape(indices, (n * k,))
         if not F.is_sequence_value_unknown(indices.shape):  # N known when compiling: no run-time branch
+            if self.indexed_matmul is not None and not self.quantized:  # each chosen expert read once, in place
+                xk = ops.reshape(ops.broadcast_to(ops.expand_dims(x, 1), (n, k, self.hidden_size)),
+                                 (n * k, self.hidden_size))
+                gate = self.indexed_matmul(xk, self.w1, flat)
+                act = gate * ops.sigmoid(gate) * self.indexed_matmul(xk, self.w3, flat)
+                out = self.indexed_matmul(act, self.w2, flat) * ops.reshape(weights, (n * k, 1))
+                return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
             if n * k >= self.num_experts:
                 chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
                 return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
-        flat = ops.reshape(indices, (n * k,))
         xk = ops.reshape(ops.broadcast_to(ops.expand_dims(self.cast(x, self.compute_dtype), 1),
                                           (n, k, self.hidden_size)), (n * k, 1, self.hidden_size))
         # each (token, expert) pair a block of one row, with that expert's weights gathered for it
