@@ -47,13 +47,16 @@ a capacity-limited one for training:
   expert on every token as batched matmuls over the expert axis with the routing weights (mostly
   zero) multiplied in. E / k times the routed FLOPs, but it splits over experts like MindFormers'
   MoE and its strategies are the recorded ones;
-* ``decode`` (one token per row): with fewer assignments than experts (N * k < E) the k chosen
-  experts' weights are gathered per token and applied as a batched matmul, so a decode step reads
-  k experts per token instead of all E; with N * k >= E gathering would copy at least E experts'
-  weights, so every expert runs on the N tokens reading its weights in place (the all-experts form
-  above; ds2-moe-150m at batch 8, E 16, k 4: 123 -> 50 ms per step). That choice is made when the
-  graph is compiled, so only in static-shape decode graphs (``cache_implementation="static"``, the
-  serving engine's buckets); a dynamic-shape graph always gathers;
+* ``decode`` (one token per row): on CPU, in static-shape decode graphs (``cache_implementation=
+  "static"``, the serving engine's buckets) with float32 weights, each assignment is multiplied by its
+  expert's weights where they lie (:mod:`mindformers_ext.layers.indexed_matmul`, a small C++ operator:
+  each chosen expert read once; ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise, with fewer
+  assignments than experts (N * k < E) the k chosen experts' weights are gathered per token and
+  applied as a batched matmul, so a decode step reads k experts per token instead of all E; with
+  N * k >= E gathering would copy at least E experts' weights, so every expert runs on the N tokens
+  reading its weights in place (the all-experts form above; ds2-moe-150m at batch 8, E 16, k 4: 123 ->
+  50 ms per step). Those choices are made when the graph is compiled, so a dynamic-shape graph always
+  gathers;
 * training with ``capacity_factor`` (upstream MindFormers' ``moe_config.capacity_factor``): each expert
   takes at most ``cap = min(N, ceil(capacity_factor * N * k / E))`` assignments, first choices of all
   tokens before second choices, each group in token order (upstream's priority); the rest are
@@ -327,7 +330,7 @@ class RoutedExperts(ShardedCell):
                  capacity_factor: Optional[float] = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.top_k = top_k  # experts per token (the decode path gathers that many per token)
+        self.top_k = top_k  # experts per token
         self.capacity_factor = capacity_factor  # training only (module docstring); None: never drop
         # (dropped, routed) assignments of the capacity-limited dispatch
         self.dropped_key = new_counter(MOE_DROPPED, 2) if capacity_factor is not None else None
