@@ -154,6 +154,24 @@ def test_decode_with_more_assignments_than_experts_matches_reference(tiny, cache
     assert error <= TOLERANCE, f"{cache_implementation}: max abs step-logit error {error:.2e}"
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_decode_without_the_cpu_kernel_matches_reference(tmp_path, monkeypatch, cache_implementation):
+    """MINDFORMERS_EXT_CPU_KERNELS=0 (as on a machine without a C++ compiler): the decode gathers the
+    chosen experts' weights instead of reading them in place; every step's logits still equal
+    DeepSeek's formulas."""
+    path = str(tmp_path / "full")
+    state = make_tiny_deepseek2(path, "full", seed=1)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    monkeypatch.setenv("MINDFORMERS_EXT_CPU_KERNELS", "0")
+    ours = load_hf_model(path, use_past=True)
+    assert all(cell.indexed_matmul is None for _, cell in ours.cells_and_names() if hasattr(cell, "indexed_matmul"))
+    prompts = _prompts([5, 12], seed=7)
+    sequences, logits = generate_with_logits(ours, prompts, cache_implementation=cache_implementation)
+    error = max_step_error(prompts, sequences, logits, lambda ids: reference_forward(state, cfg, ids))
+    assert error <= TOLERANCE, f"{cache_implementation}: max abs step-logit error {error:.2e} over {STEPS} steps"
+
+
 def test_left_padded_batch_matches_single_prompts(tiny):
     ours = tiny["full"][0]
     prompts = _prompts([5, 14], seed=3)

@@ -18,20 +18,26 @@ class _Apply(nn.Cell):
         return self.op(x, self.w, idx)
 
 
-def test_matches_numpy():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_matches_numpy(dynamic):
     """Rows picking the same expert, an expert nobody picks, a depth that is no multiple of the kernel's
-    four accumulators: each row equals its own matrix-vector product."""
+    four accumulators, in a static graph and in one dynamic-shape graph run at two row counts: each row
+    equals its own matrix-vector product."""
     op = indexed_matmul.indexed_matmul_op()
     if op is None:
         pytest.skip("no C++ compiler here: MoE decode gathers expert weights instead")
     rng = np.random.default_rng(0)
     experts, width, depth = 5, 6, 13
     w = rng.standard_normal((experts, width, depth)).astype(np.float32)
-    x = rng.standard_normal((7, depth)).astype(np.float32)
-    idx = np.array([3, 0, 3, 4, 0, 3, 1], np.int32)  # expert 2 unused, 3 picked three times
-    got = _Apply(op, w)(Tensor(x), Tensor(idx)).asnumpy()
-    want = np.einsum("rod,rd->ro", w[idx].astype(np.float64), x.astype(np.float64))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    net = _Apply(op, w)
+    if dynamic:
+        net.set_inputs(Tensor(shape=[None, depth], dtype=ms.float32), Tensor(shape=[None], dtype=ms.int32))
+    for idx in ([3, 0, 3, 4, 0, 3, 1], [2, 2]) if dynamic else ([3, 0, 3, 4, 0, 3, 1],):  # 2 unused, 3 thrice
+        idx = np.array(idx, np.int32)
+        x = rng.standard_normal((len(idx), depth)).astype(np.float32)
+        got = net(Tensor(x), Tensor(idx)).asnumpy()
+        want = np.einsum("rod,rd->ro", w[idx].astype(np.float64), x.astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_switched_off_or_without_compiler_returns_none(monkeypatch, tmp_path):

@@ -4,7 +4,8 @@
 //   x (R, D) float32, w (E, O, D) float32, idx (R,) int32 in [0, E)  ->  out (R, O) float32
 //
 // Rows are taken expert by expert, so a weight matrix is read once however many rows use it; each of
-// its rows is multiplied with all of them while it is in the cache.
+// its rows is multiplied with all of them while it is in the cache. IndexedMatmulInferShape gives the
+// output shape (MindSpore's C++ shape inference, which dynamic-shape graphs need).
 #include <cstdint>
 #include <vector>
 
@@ -49,4 +50,12 @@ extern "C" int IndexedMatmul(int nparam, void **params, int *ndims, int64_t **sh
     }
   }
   return 0;
+}
+
+class AotExtra;
+
+extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  (void)ndims;
+  (void)extra;
+  return {shapes[0][0], shapes[1][1]};
 }

@@ -6,7 +6,8 @@ at batch 1 the expert weights cross memory three times (read, write, read again)
 useful reads on this project's 2-core CPU against 29 GB/s for a product that reads them in place.
 MindSpore has no such operator on CPU (``GroupedMatmul`` is Ascend's), so ``indexed_matmul.cc`` is
 compiled once per machine with the system's C++ compiler into a user cache directory and called as
-an AOT custom operator. Where that is not possible (not CPU, no compiler, other dtypes) or
+an AOT custom operator (static and dynamic shapes). Where that is not possible (not CPU, no compiler,
+other dtypes) or
 ``MINDFORMERS_EXT_CPU_KERNELS=0`` is set, :func:`indexed_matmul_op` returns None and callers keep the
 gather. Inference only: the operator has no gradient.
 """
@@ -25,7 +26,7 @@ from mindspore import ops
 __all__ = ["indexed_matmul_op"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "indexed_matmul.cc")
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++14")
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=0")
 _LIBRARY: dict[str, Optional[str]] = {}  # cache key -> built library (None: the build failed)
 logger = logging.getLogger(__name__)
 
@@ -76,5 +77,9 @@ def indexed_matmul_op() -> Optional[ops.Custom]:
     library = _build()
     if library is None:
         return None
-    return ops.Custom(f"{library}:IndexedMatmul", out_shape=lambda x, w, idx: (x[0], w[1]),
-                      out_dtype=lambda x, w, idx: x, func_type="aot")
+    reg_info = ops.CustomRegOp("IndexedMatmul").input(0, "x").input(1, "w").input(2, "idx").output(0, "out") \
+        .dtype_format(ops.DataType.F32_Default, ops.DataType.F32_Default, ops.DataType.I32_Default,
+                      ops.DataType.F32_Default).target("CPU").get_op_info()
+    # out_shape None: the library's IndexedMatmulInferShape (Python shape functions fail in dynamic shapes)
+    return ops.Custom(f"{library}:IndexedMatmul", out_shape=None, out_dtype=ms.float32, func_type="aot",
+                      reg_info=reg_info)

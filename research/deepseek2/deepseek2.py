@@ -47,16 +47,16 @@ a capacity-limited one for training:
   expert on every token as batched matmuls over the expert axis with the routing weights (mostly
   zero) multiplied in. E / k times the routed FLOPs, but it splits over experts like MindFormers'
   MoE and its strategies are the recorded ones;
-* ``decode`` (one token per row): on CPU, in static-shape decode graphs (``cache_implementation=
-  "static"``, the serving engine's buckets) with float32 weights, each assignment is multiplied by its
+* ``decode`` (one token per row): on CPU with float32 weights each assignment is multiplied by its
   expert's weights where they lie (:mod:`mindformers_ext.layers.indexed_matmul`, a small C++ operator:
-  each chosen expert read once; ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise, with fewer
-  assignments than experts (N * k < E) the k chosen experts' weights are gathered per token and
-  applied as a batched matmul, so a decode step reads k experts per token instead of all E; with
-  N * k >= E gathering would copy at least E experts' weights, so every expert runs on the N tokens
-  reading its weights in place (the all-experts form above; ds2-moe-150m at batch 8, E 16, k 4: 123 ->
-  50 ms per step). Those choices are made when the graph is compiled, so a dynamic-shape graph always
-  gathers;
+  each chosen expert read once; ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise (no compiler,
+  W8A16, other dtypes, Ascend), with fewer assignments than experts (N * k < E) the k chosen experts'
+  weights are gathered per token and applied as a batched matmul, so a decode step reads k experts per
+  token instead of all E; with N * k >= E gathering would copy at least E experts' weights, so every
+  expert runs on the N tokens reading its weights in place (the all-experts form above; ds2-moe-150m
+  at batch 8, E 16, k 4: 123 -> 50 ms per step). That last choice is made when the graph is compiled,
+  so only in static-shape decode graphs (``cache_implementation="static"``, the serving engine's
+  buckets); a dynamic-shape graph gathers;
 * training with ``capacity_factor`` (upstream MindFormers' ``moe_config.capacity_factor``): each expert
   takes at most ``cap = min(N, ceil(capacity_factor * N * k / E))`` assignments, first choices of all
   tokens before second choices, each group in token order (upstream's priority); the rest are
@@ -525,14 +525,14 @@ class RoutedExperts(ShardedCell):
         in a static-shape graph with N * k >= E, every expert once in place)."""
         n, k = indices.shape
         flat = ops.reshape(indices, (n * k,))
+        if self.indexed_matmul is not None and not self.quantized:  # each chosen expert read once, in place
+            xk = ops.reshape(ops.broadcast_to(ops.expand_dims(x, 1), (n, k, self.hidden_size)),
+                             (n * k, self.hidden_size))
+            gate = self.indexed_matmul(xk, self.w1, flat)
+            act = gate * ops.sigmoid(gate) * self.indexed_matmul(xk, self.w3, flat)
+            out = self.indexed_matmul(act, self.w2, flat) * ops.reshape(weights, (n * k, 1))
+            return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
         if not F.is_sequence_value_unknown(indices.shape):  # N known when compiling: no run-time branch
-            if self.indexed_matmul is not None and not self.quantized:  # each chosen expert read once, in place
-                xk = ops.reshape(ops.broadcast_to(ops.expand_dims(x, 1), (n, k, self.hidden_size)),
-                                 (n * k, self.hidden_size))
-                gate = self.indexed_matmul(xk, self.w1, flat)
-                act = gate * ops.sigmoid(gate) * self.indexed_matmul(xk, self.w3, flat)
-                out = self.indexed_matmul(act, self.w2, flat) * ops.reshape(weights, (n * k, 1))
-                return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
             if n * k >= self.num_experts:
                 chosen = ops.one_hot(indices, self.num_experts, 1.0, 0.0)  # (N, k, E)
                 return self._all_experts(x, (chosen * ops.expand_dims(weights, -1)).sum(1))
