@@ -6,8 +6,8 @@ at batch 1 the expert weights cross memory three times (read, write, read again)
 useful reads on this project's 2-core CPU against 29 GB/s for a product that reads them in place.
 MindSpore has no such operator on CPU (``GroupedMatmul`` is Ascend's), so ``indexed_matmul.cc`` is
 compiled once per machine with the system's C++ compiler into a user cache directory and called as
-an AOT custom operator (static and dynamic shapes). Where that is not possible (not CPU, no compiler,
-other dtypes) or
+an AOT custom operator (static and dynamic shapes), on float32 weights or W8A16's int8 values with
+their per-row scales. Where that is not possible (not CPU, no compiler, other dtypes) or
 ``MINDFORMERS_EXT_CPU_KERNELS=0`` is set, :func:`indexed_matmul_op` returns None and callers keep the
 gather. Inference only: the operator has no gradient.
 """
@@ -69,17 +69,21 @@ def _build() -> Optional[str]:
     return library
 
 
-def indexed_matmul_op() -> Optional[ops.Custom]:
-    """The operator ``(x (R, D), w (E, O, D), idx (R,) int32) -> (R, O)``, float32, or None where it does
-    not run (see the module docstring)."""
+def indexed_matmul_op(int8: bool = False) -> Optional[ops.Custom]:
+    """The operator ``(x (R, D), w (E, O, D), idx (R,) int32) -> (R, O)``, float32; with ``int8``, W8A16's
+    ``(x, w int8, scale (E, O) float32, idx) -> scale * (w @ x)``. None where it does not run (see the
+    module docstring)."""
     if os.environ.get("MINDFORMERS_EXT_CPU_KERNELS", "1") == "0" or ms.get_context("device_target") != "CPU":
         return None
     library = _build()
     if library is None:
         return None
-    reg_info = ops.CustomRegOp("IndexedMatmul").input(0, "x").input(1, "w").input(2, "idx").output(0, "out") \
-        .dtype_format(ops.DataType.F32_Default, ops.DataType.F32_Default, ops.DataType.I32_Default,
-                      ops.DataType.F32_Default).target("CPU").get_op_info()
-    # out_shape None: the library's IndexedMatmulInferShape (Python shape functions fail in dynamic shapes)
-    return ops.Custom(f"{library}:IndexedMatmul", out_shape=None, out_dtype=ms.float32, func_type="aot",
-                      reg_info=reg_info)
+    name, f32 = ("IndexedMatmulInt8" if int8 else "IndexedMatmul"), ops.DataType.F32_Default
+    inputs = (("x", f32), ("w", ops.DataType.I8_Default), ("scale", f32)) if int8 else (("x", f32), ("w", f32))
+    inputs += (("idx", ops.DataType.I32_Default),)
+    reg = ops.CustomRegOp(name)
+    for i, (arg, _) in enumerate(inputs):
+        reg = reg.input(i, arg)
+    reg_info = reg.output(0, "out").dtype_format(*(dtype for _, dtype in inputs), f32).target("CPU").get_op_info()
+    # out_shape None: the library's <name>InferShape (Python shape functions fail in dynamic shapes)
+    return ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32, func_type="aot", reg_info=reg_info)

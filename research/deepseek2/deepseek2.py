@@ -47,16 +47,17 @@ a capacity-limited one for training:
   expert on every token as batched matmuls over the expert axis with the routing weights (mostly
   zero) multiplied in. E / k times the routed FLOPs, but it splits over experts like MindFormers'
   MoE and its strategies are the recorded ones;
-* ``decode`` (one token per row): on CPU with float32 weights each assignment is multiplied by its
-  expert's weights where they lie (:mod:`mindformers_ext.layers.indexed_matmul`, a small C++ operator:
-  each chosen expert read once; ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise (no compiler,
-  W8A16, other dtypes, Ascend), with fewer assignments than experts (N * k < E) the k chosen experts'
-  weights are gathered per token and applied as a batched matmul, so a decode step reads k experts per
-  token instead of all E; with N * k >= E gathering would copy at least E experts' weights, so every
-  expert runs on the N tokens reading its weights in place (the all-experts form above; ds2-moe-150m
-  at batch 8, E 16, k 4: 123 -> 50 ms per step). That last choice is made when the graph is compiled,
-  so only in static-shape decode graphs (``cache_implementation="static"``, the serving engine's
-  buckets); a dynamic-shape graph gathers;
+* ``decode`` (one token per row): on CPU with float32 weights (or their W8A16 int8 values and scales)
+  each assignment is multiplied by its expert's weights where they lie
+  (:mod:`mindformers_ext.layers.indexed_matmul`, a small C++ operator: each chosen expert read once;
+  ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise (no compiler, bf16 / fp16, Ascend), with
+  fewer assignments than experts (N * k < E) the k chosen experts' weights are gathered per token and
+  applied as a batched matmul, so a decode step reads k experts per token instead of all E; with
+  N * k >= E gathering would copy at least E experts' weights, so every expert runs on the N tokens
+  reading its weights in place (the all-experts form above; ds2-moe-150m at batch 8, E 16, k 4: 123 ->
+  50 ms per step). That last choice is made when the graph is compiled, so only in static-shape decode
+  graphs (``cache_implementation="static"``, the serving engine's buckets); a dynamic-shape graph
+  gathers;
 * training with ``capacity_factor`` (upstream MindFormers' ``moe_config.capacity_factor``): each expert
   takes at most ``cap = min(N, ceil(capacity_factor * N * k / E))`` assignments, first choices of all
   tokens before second choices, each group in token order (upstream's priority); the rest are
@@ -370,6 +371,8 @@ class RoutedExperts(ShardedCell):
         self.w3, self.w3_scale = int8_parameters(self.w3, from_weights)
         self.w2, self.w2_scale = int8_parameters(self.w2, from_weights)
         self.quantized = True
+        if self.indexed_matmul is not None:  # the decode's in-place product, on int8 values and scales
+            self.indexed_matmul_int8 = indexed_matmul_op(int8=True)
 
     def _scaled(self, out, scale):
         """``out`` (experts or tokens, rows, features) times ``scale`` (experts or tokens, features)."""
@@ -503,6 +506,13 @@ class RoutedExperts(ShardedCell):
         """W8A16 scales lined up with the blocks: all experts' (``owner`` None) or experts ``owner``'s."""
         return scale if owner is None else self.gather(scale, owner, 0)
 
+    def _in_place(self, x, weight: str, flat):
+        """Rows ``x`` times the experts ``flat`` of stacked weight ``weight`` (its int8 values and scales
+        once quantized), read where they lie."""
+        if self.quantized:
+            return self.indexed_matmul_int8(x, getattr(self, weight), getattr(self, weight + "_scale"), flat)
+        return self.indexed_matmul(x, getattr(self, weight), flat)
+
     def _all_experts(self, x, routing):
         """x (N, hidden), routing (N, E) weights (zero for experts not chosen) -> (N, hidden)."""
         n = x.shape[0]
@@ -525,12 +535,12 @@ class RoutedExperts(ShardedCell):
         in a static-shape graph with N * k >= E, every expert once in place)."""
         n, k = indices.shape
         flat = ops.reshape(indices, (n * k,))
-        if self.indexed_matmul is not None and not self.quantized:  # each chosen expert read once, in place
+        if self.indexed_matmul is not None:  # each chosen expert read once, in place
             xk = ops.reshape(ops.broadcast_to(ops.expand_dims(x, 1), (n, k, self.hidden_size)),
                              (n * k, self.hidden_size))
-            gate = self.indexed_matmul(xk, self.w1, flat)
-            act = gate * ops.sigmoid(gate) * self.indexed_matmul(xk, self.w3, flat)
-            out = self.indexed_matmul(act, self.w2, flat) * ops.reshape(weights, (n * k, 1))
+            gate = self._in_place(xk, "w1", flat)
+            act = gate * ops.sigmoid(gate) * self._in_place(xk, "w3", flat)
+            out = self._in_place(act, "w2", flat) * ops.reshape(weights, (n * k, 1))
             return ops.reshape(out, (n, k, self.hidden_size)).sum(1)
         if not F.is_sequence_value_unknown(indices.shape):  # N known when compiling: no run-time branch
             if n * k >= self.num_experts:
