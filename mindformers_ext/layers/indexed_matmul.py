@@ -51,6 +51,7 @@ def _build() -> Optional[str]:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mindformers_ext")
     library = os.path.join(cache, f"indexed_matmul-{key}.so")
     if not os.path.isfile(library):
+        tmp = None
         try:
             os.makedirs(cache, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
@@ -58,12 +59,13 @@ def _build() -> Optional[str]:
             run = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True,
                                  timeout=120, check=False)
             if run.returncode:
-                os.remove(tmp)
                 raise OSError(run.stderr.strip()[-500:])
             os.replace(tmp, library)
         except (OSError, subprocess.SubprocessError) as exc:
-            logger.info("indexed_matmul: cannot build %s with %s (%s); MoE decode gathers expert weights instead",
-                        _SOURCE, compiler, exc)
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            logger.warning("indexed_matmul: cannot build %s with %s (%s); MoE decode gathers the chosen experts' "
+                           "weights instead (slower on CPU)", _SOURCE, compiler, exc)
             library = None
     _LIBRARY[key] = library
     return library
