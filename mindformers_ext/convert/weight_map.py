@@ -181,7 +181,8 @@ class WeightMap:
 
 def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
     """The map of ``family``'s checkpoints written by upstream MindFormers (its "hf" side): ``fields`` replace
-    the family's; the config reader, the summary and the training-state ignore rules stay."""
+    the family's; our tensors (``shapes``), the config reader, the summary and the training-state ignore
+    rules stay."""
     base = dict(name=family.name + UPSTREAM_SUFFIX, hf_ignore=family.ours_ignore, layouts={}, part_rows=None,
                 shape_notes={}, model_types=(), select=None, qkv_concat=None)
     return dataclasses.replace(family, **{**base, **fields})
