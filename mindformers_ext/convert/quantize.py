@@ -11,16 +11,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mindformers_ext.convert.tensors import ConversionError, TensorInfo, cast
-from mindformers_ext.convert.weight_map import WeightMap
+from mindformers_ext.convert.weight_map import WeightMap, skeleton_model
 
 
 def quantized_scale_shapes(wmap: WeightMap, hf_cfg: dict, method: str) -> dict:
     """``{our weight name: scale shape}`` of what ``method`` quantizes in the model of ``hf_cfg``."""
-    # pylint: disable=import-outside-toplevel
-    from mindspore.nn.utils import no_init_parameters
-
-    from mindformers_ext.hf_loader import build_from_hf_config
-    from mindformers_ext.quant import check_method, scale_shapes
+    from mindformers_ext.quant import check_method, scale_shapes  # pylint: disable=import-outside-toplevel
 
     try:
         check_method(method)
@@ -31,8 +27,7 @@ def quantized_scale_shapes(wmap: WeightMap, hf_cfg: dict, method: str) -> dict:
         raise ConversionError(f"--quant {method}: the {wmap.name} weight map names no model type to quantize for "
                               "(convert to our layout first, then quantize)")
     try:
-        with no_init_parameters():
-            model, _ = build_from_hf_config({**hf_cfg, "model_type": model_type}, f"the {wmap.name} config")
+        model = skeleton_model(model_type, hf_cfg)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConversionError(f"--quant {method}: cannot build the {model_type} model from the config to find its "
                               f"linear weights: {exc}") from exc

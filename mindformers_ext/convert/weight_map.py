@@ -189,26 +189,31 @@ def upstream_map(family: WeightMap, **fields: Any) -> WeightMap:
 
 
 def skeleton(model_type: str, **overrides: Any) -> Callable[[dict], dict[str, Shape]]:
-    """A map's ``shapes``: the parameters of the model that loads HF checkpoints of ``model_type``, built for
-    an HF config (with config ``overrides``, e.g. ``qkv_concat=True``) without allocating its weights."""
+    """A map's ``shapes``: the parameters of :func:`skeleton_model` for an HF config."""
     def shapes(config: dict) -> dict[str, Shape]:
-        key = json.dumps(config, sort_keys=True, default=str)
-        return dict(_skeleton_shapes(model_type, key, tuple(sorted(overrides.items()))))
+        model = skeleton_model(model_type, config, **overrides)
+        return {name: tuple(param.shape) for name, param in model.parameters_and_names()}
     return shapes
 
 
-@functools.lru_cache(maxsize=16)  # the upstream loader tries several configs and map variants of one model
-def _skeleton_shapes(model_type: str, config: str, overrides: tuple) -> dict[str, Shape]:
+def skeleton_model(model_type: str, config: dict, **overrides: Any) -> Any:
+    """The model that loads HF checkpoints of ``model_type``, built for the HF ``config`` (with config
+    ``overrides``, e.g. ``qkv_concat=True``) without allocating its weights; built once per config and
+    overrides (the upstream loader tries several configs and map variants of one model)."""
+    return _skeleton_model(model_type, json.dumps(config, sort_keys=True, default=str),
+                           tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _skeleton_model(model_type: str, config: str, overrides: tuple) -> Any:
     # pylint: disable=import-outside-toplevel
     from mindspore.nn.utils import no_init_parameters
 
-    from mindformers_ext.families import family_for_hf_model_type
+    from mindformers_ext.hf_loader import build_from_hf_config
 
-    family = family_for_hf_model_type(model_type)
-    kwargs = {**family.config_from_hf(json.loads(config), "the config"), "use_past": False, **dict(overrides)}
     with no_init_parameters():
-        model = family.model_class(family.config_class(**kwargs))
-    return {name: tuple(param.shape) for name, param in model.parameters_and_names()}
+        return build_from_hf_config({**json.loads(config), "model_type": model_type}, "the config", use_past=False,
+                                    **dict(overrides))[0]
 
 
 def hf_shapes(wmap: WeightMap, config: dict, ours: Optional[Mapping[str, Shape]] = None) -> dict[str, Shape]:
