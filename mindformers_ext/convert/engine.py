@@ -63,9 +63,9 @@ def plan_for(source: WeightSource, wmap: WeightMap, config: Any, to: str, dtype:
     try:
         ours = wmap.shapes(cfg)
         hf = hf_shapes(wmap, cfg, ours)
+    except ConversionError:
+        raise
     except (KeyError, TypeError, IndexError, ValueError) as exc:
-        if isinstance(exc, ConversionError):
-            raise
         where = os.fspath(config_origin) if isinstance(config_origin, (str, os.PathLike)) else "the config"
         kind = cfg.get("model_type")
         what = f" (model_type {kind!r})" if kind else ""

@@ -79,10 +79,17 @@ WEIGHT_MAP = WeightMap(
 )
 
 
+def _qkv_sizes(rows: int, cfg: dict) -> list[int]:
+    """Rows of q, k and v in a ``w_qkv`` of ``rows`` rows."""
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = rows // (heads + 2 * kv_heads)
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
 def qkv_rows(rows: int, cfg: dict) -> np.ndarray:
     """Row order of ``w_qkv`` over [q; k; v]: per key/value head, its queries, its key, its value."""
-    return grouped_rows(_fused_rows("attention.w_qkv", (rows,), cfg), cfg.get("num_key_value_heads") or
-                        cfg["num_attention_heads"])
+    return grouped_rows(_qkv_sizes(rows, cfg), cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
 
 
 def gate_up_rows(rows: int, cfg: dict) -> np.ndarray:  # pylint: disable=unused-argument
@@ -91,13 +98,8 @@ def gate_up_rows(rows: int, cfg: dict) -> np.ndarray:  # pylint: disable=unused-
 
 
 def _fused_rows(template: str, shape: tuple[int, ...], cfg: dict) -> list[int]:
-    """Rows of q, k, v in ``w_qkv`` (of gate, up in ``w_gate_hidden``)."""
-    if "w_qkv" not in template:
-        return [shape[0] // 2] * 2
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = shape[0] // (heads + 2 * kv_heads)
-    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    """The map's ``part_rows``: rows of q, k, v in ``w_qkv``; of gate, up in ``w_gate_hidden``."""
+    return _qkv_sizes(shape[0], cfg) if "w_qkv" in template else [shape[0] // 2] * 2
 
 
 QKV_CONCAT_NAMES = dict(NAMES)  # q, k, v (and gate, up) name one tensor of ours: concatenated in this order
