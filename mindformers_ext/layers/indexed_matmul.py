@@ -13,6 +13,7 @@ gather. Inference only: the operator has no gradient.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -27,7 +28,6 @@ __all__ = ["indexed_matmul_op"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "indexed_matmul.cc")
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=0")
-_LIBRARY: dict[str, Optional[str]] = {}  # cache key -> built library (None: the build failed)
 logger = logging.getLogger(__name__)
 
 
@@ -42,32 +42,35 @@ def _cpu_signature() -> str:
 
 def _build() -> Optional[str]:
     """The compiled library's path (built on first use, atomically), or None when it cannot be built."""
-    compiler = os.environ.get("CXX", "g++")
+    return _build_with(os.environ.get("CXX", "g++"),
+                       os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                    "mindformers_ext"))
+
+
+@functools.lru_cache(maxsize=None)  # once per process: every MoE layer asks
+def _build_with(compiler: str, cache: str) -> Optional[str]:
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + " ".join((compiler,) + _FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    if key in _LIBRARY:
-        return _LIBRARY[key]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mindformers_ext")
-    library = os.path.join(cache, f"indexed_matmul-{key}.so")
-    if not os.path.isfile(library):
-        tmp = None
-        try:
-            os.makedirs(cache, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-            os.close(fd)
-            run = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True,
-                                 timeout=120, check=False)
-            if run.returncode:
-                raise OSError(run.stderr.strip()[-500:])
-            os.replace(tmp, library)
-        except (OSError, subprocess.SubprocessError) as exc:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
-            logger.warning("indexed_matmul: cannot build %s with %s (%s); MoE decode gathers the chosen experts' "
-                           "weights instead (slower on CPU)", _SOURCE, compiler, exc)
-            library = None
-    _LIBRARY[key] = library
+    key = hashlib.sha256(source + " ".join((compiler,) + _FLAGS).encode() + _cpu_signature().encode()).hexdigest()
+    library = os.path.join(cache, f"indexed_matmul-{key[:16]}.so")
+    if os.path.isfile(library):
+        return library
+    tmp = None
+    try:
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        run = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True, timeout=120,
+                             check=False)
+        if run.returncode:
+            raise OSError(run.stderr.strip()[-500:])
+        os.replace(tmp, library)
+    except (OSError, subprocess.SubprocessError) as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        logger.warning("indexed_matmul: cannot build %s with %s (%s); MoE decode gathers the chosen experts' "
+                       "weights instead (slower on CPU)", _SOURCE, compiler, exc)
+        return None
     return library
 
 
