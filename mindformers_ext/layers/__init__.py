@@ -7,6 +7,6 @@ from mindformers_ext.layers.mlp import GeluMLP, SwiGLU
 from mindformers_ext.layers.norm import LayerNorm, RMSNorm
 from mindformers_ext.layers.rotary import ApplyRotary, RotaryEmbedding, yarn_get_mscale
 
-__all__ = ["CachedSelfAttention", "GroupedAttentionCore", "MASK_VALUE", "VocabEmbedding", "FusedLinear", "Linear", "ms_dtype",
-           "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm", "PreNormDecoderLayer", "RotaryDecoderModel", "ApplyRotary",
-           "RotaryEmbedding", "yarn_get_mscale"]
+__all__ = ["CachedSelfAttention", "GroupedAttentionCore", "MASK_VALUE", "VocabEmbedding", "FusedLinear", "Linear",
+           "ms_dtype", "GeluMLP", "SwiGLU", "LayerNorm", "RMSNorm", "PreNormDecoderLayer", "RotaryDecoderModel",
+           "ApplyRotary", "RotaryEmbedding", "yarn_get_mscale"]

@@ -91,7 +91,8 @@ hf_config = config_reader("GPT-BigCode", "n_embd", "HF GPT-BigCode", _our_config
                           lambda c: hasattr(c, "num_layers") and hasattr(c, "multi_query"), _to_hf, "gpt_bigcode")
 
 
-_COMMON = dict(shapes=skeleton("gpt_bigcode"), hf_config=hf_config, shape_notes=SHAPE_NOTES, model_types=("gpt_bigcode",),
+_COMMON = dict(shapes=skeleton("gpt_bigcode"), hf_config=hf_config, shape_notes=SHAPE_NOTES,
+               model_types=("gpt_bigcode",),
                # attention-mask buffers some older exports carry
                hf_ignore=tied_head(r"lm_head\.weight", True, (r"transformer\.bias", r"transformer\.masked_bias",
                                                                r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")),
