@@ -23,6 +23,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindformers_ext.layers.cpu_kernels import cache_write_op
+
 MASK_VALUE = -1e9
 
 
@@ -71,34 +73,61 @@ class CacheSpec:
 
 
 class CacheWriter(nn.Cell):
-    """``cache[b, h, slot[b] + j, :] = new[b, h, j, :]`` for the S new tokens of every row.
+    """``cache[b, h, slot[b] + j, :] = new[b, h, j, :]`` for the S new tokens of every row; returns the cache
+    to read afterwards.
 
-    cache (B, H, T, D), new (B, H, S, D), slot (B,) int32. Functional (returns the updated cache),
-    so one compiled graph serves every batch size, prompt length and capacity.
+    cache (B, H, T, D), new (B, H, S, D), slot (B,) int32. Shapes may change from call to call, so one
+    compiled graph serves every batch size, prompt length and capacity. Two ways to write, chosen when a
+    step graph is compiled (:func:`set_cache_writes`):
+
+    * functional (``TensorScatterUpdate``, the default and what MindIR exports hold): a new cache tensor,
+      which the step returns; every step copies every cache tensor whole, which grows with the capacity;
+    * in place (CPU, :func:`mindformers_ext.layers.cpu_kernels.cache_write_op`): the new tokens go into the
+      input cache's own memory and the step returns nothing of the cache.
 
     Paged (:class:`PagedKVCache`): ``slot`` is the pair ``(positions (B, S), table (B, L))`` and
     ``cache`` the block pool, a Parameter (blocks * block_size * H, D) holding token position p's head h
     at row ``p * H + h`` (:func:`pool_rows`); token j of row b goes to position ``positions[b, j]``,
-    written in place (``ScatterUpdate``: a functional update copies the whole pool every step, which
-    grows with the pool, not with the batch).
+    written in place (``ScatterUpdate`` on the Parameter).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.update = ops.TensorScatterUpdate()
         self.update_rows = ops.ScatterUpdate()
+        self.write_in_place = cache_write_op()  # None where the operator does not run
+        self.in_place = False
 
     def construct(self, cache, new, slot):
         bs, heads, seq, dim = new.shape
         if isinstance(slot, tuple):
             self.update_rows(cache, pool_rows(slot[0], heads), ops.cast(new, cache.dtype))
             return cache
+        if self.in_place:
+            return ops.depend(cache, self.write_in_place(cache, ops.cast(new, cache.dtype), slot))
         shape = (bs, heads, seq, 1)
         head = ops.broadcast_to(ops.reshape(ops.arange(heads, dtype=ms.int32), (1, -1, 1, 1)), shape)
         rows = ops.broadcast_to(ops.reshape(ops.arange(bs, dtype=ms.int32), (-1, 1, 1, 1)), shape)
         tokens = ops.reshape(slot, (-1, 1, 1, 1)) + ops.reshape(ops.arange(seq, dtype=ms.int32), (1, 1, -1, 1))
         index = ops.concat((rows, head, ops.broadcast_to(tokens, shape)), -1)
         return self.update(cache, index, ops.cast(new, cache.dtype))
+
+
+def can_write_in_place(model: nn.Cell) -> bool:
+    """Whether every contiguous-cache write of ``model`` can run in place (:class:`CacheWriter`)."""
+    writers = [cell for _, cell in model.cells_and_names() if isinstance(cell, CacheWriter)]
+    return bool(writers) and all(w.write_in_place is not None for w in writers)
+
+
+def set_cache_writes(model: nn.Cell, in_place: bool) -> None:
+    """Make ``model``'s contiguous-cache writes (:class:`CacheWriter`) in place or functional in the step
+    graphs compiled from now on (a graph keeps the mode it was compiled with)."""
+    if in_place and not can_write_in_place(model):
+        raise ValueError("in-place cache writes need the CPU cache-write operator "
+                         "(mindformers_ext.layers.cpu_kernels.cache_write_op), which does not run here")
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, CacheWriter):
+            cell.in_place = in_place
 
 
 def pool_rows(positions, heads: int):
@@ -199,8 +228,8 @@ class KVCache:
     """A static cache for one batch: ``spec``'s tensors of ``capacity`` slots, allocated as zeros.
 
     Rows are left-padded, so every row writes its next token at the same slot; ``valid`` records
-    which slots hold real tokens (prompt padding never does). ``tensors`` is replaced by each step's
-    updated tensors (:meth:`update`).
+    which slots hold real tokens (prompt padding never does). A step graph that writes in place changes
+    ``tensors`` themselves; a functional one returns updated tensors, which replace them (:meth:`update`).
     """
 
     def __init__(self, spec: CacheSpec, batch: int, capacity: int, dtype=ms.float32) -> None:

@@ -8,6 +8,8 @@ import mindspore as ms
 from decode_steps import (STEPS, TOLERANCE, generate_with_logits, hf_cached_batch_logits, hf_rows, max_step_error,
                           assert_paged_matches_contiguous)
 from mindformers_ext import load_hf_model
+from mindformers_ext.cache import KVCache, can_write_in_place
+from mindformers_ext.generation.step_cells import CachedStep
 from research.deepseek1_5 import DeepSeekCoderForCausalLM
 from sharp_models import assert_sharp
 
@@ -144,3 +146,45 @@ def test_paged_cache_matches_contiguous_cache(pairs, variant):
     ours, _ = pairs[variant]
     prompts = _prompts(ours.config.vocab_size, [5, 12, 9], seed=4)
     assert_paged_matches_contiguous(ours, prompts)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_cache_tensors_hold_hf_keys_and_values(pairs, in_place):
+    """The step graphs' cache writes, in place (on CPU: the KVCache's own tensors change and the step
+    returns only the logits) or functional (the step returns new tensors, as the MindIR export): after a
+    prefill and three decode steps the cache holds HF's cached keys and values (GQA, 2 heads) in the
+    written slots and zeros after them. Both modes are compiled on the same model."""
+    ours, ref = pairs["gqa"]
+    assert can_write_in_place(ours), "the CPU cache-write operator did not build (is g++ installed?)"
+    spec = ours.cache_spec()
+    prompt_len, steps, capacity = 7, 3, 16
+    ids = np.array(_prompts(ours.config.vocab_size, [prompt_len, prompt_len], seed=8), dtype=np.int32)
+    cache = KVCache(spec, 2, capacity)
+    held = cache.tensors
+    prefill, decode = (CachedStep(ours, spec, ms.float32, decode=d, in_place=in_place) for d in (False, True))
+    mask, slot = cache.prefill(np.ones(ids.shape, bool))
+    positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), ids.shape)
+    out = prefill(ms.Tensor(ids), ms.Tensor(positions), mask, slot, *cache.tensors)
+    tokens = ids
+    for step in range(steps + 1):
+        assert len(out) == (1 if in_place else 1 + spec.num_tensors)
+        if not in_place:
+            cache.update(out[1:])
+        if step == steps:
+            break
+        last = out[0].asnumpy()[:, -1].argmax(-1).astype(np.int32)[:, None]
+        tokens = np.concatenate([tokens, last], 1)
+        mask, slot = cache.next_slot()
+        pos = np.full((2, 1), prompt_len + step, np.int32)
+        out = decode(ms.Tensor(last), ms.Tensor(pos), mask, slot, *cache.tensors)
+    assert (cache.tensors is held) == in_place
+    written = prompt_len + steps
+    hf_cache = transformers.DynamicCache()
+    with torch.no_grad():
+        ref(torch.tensor(tokens[:, :written], dtype=torch.long), past_key_values=hf_cache, use_cache=True)
+    for layer in range(spec.num_layers):
+        for i, expected in enumerate((hf_cache.layers[layer].keys, hf_cache.layers[layer].values)):
+            got = cache.tensors[layer * spec.per_layer + i].asnumpy()
+            assert got.shape == (2, 2, capacity, expected.shape[-1])
+            np.testing.assert_allclose(got[:, :, :written], expected.numpy(), rtol=1e-4, atol=1e-4)
+            assert not got[:, :, written:].any()

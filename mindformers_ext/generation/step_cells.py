@@ -7,10 +7,12 @@ cached steps can instead be static (one graph per input shape, faster per call):
 """
 from __future__ import annotations
 
-import mindspore as ms
-from mindspore import Tensor, nn
+from typing import Optional
 
-from mindformers_ext.cache import CacheSpec
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindformers_ext.cache import CacheSpec, can_write_in_place, set_cache_writes
 
 try:  # MindSpore's graph executor (private): see Step
     from mindspore.graph.api import _cell_graph_executor, _real_phase
@@ -51,11 +53,15 @@ class Step(nn.Cell):
             # pylint: disable=protected-access
             _cell_graph_executor._graph_executor.set_jit_config(graph[1])
             return _cell_graph_executor._exec_pip(self, *args, phase=graph[0])
+        self.prepare()
         out = super().__call__(*args)
         if (_real_phase is not None and None not in key[1:] and ms.get_context("mode") == ms.GRAPH_MODE
                 and getattr(self, "arguments_key", None)):
             self._graphs[key] = (_real_phase(self.phase, self), self.jit_config_dict or ms.JitConfig().jit_config_dict)
         return out
+
+    def prepare(self) -> None:
+        """Runs before ``Cell.__call__`` compiles (or finds) the graph of a new input signature."""
 
 
 class LastLogitsStep(Step):
@@ -72,25 +78,37 @@ class LastLogitsStep(Step):
 
 
 class CachedStep(Step):
-    """New tokens written into the cache at ``slot``; returns last-position logits and the updated cache.
+    """New tokens written into the cache at ``slot``; returns the last-position logits, then the updated
+    cache unless it is written in place.
 
     Inputs: input_ids (B, S), position_ids (B, S), mask, slot (B,), then the ``spec.num_tensors``
     cache tensors of :class:`mindformers_ext.cache.KVCache`. ``decode=False`` is the prefill (the
     prompt into an empty cache, mask (B, 1, S, S)); ``decode=True`` attends over the whole cache
     (mask (B, 1, S, capacity)). ``dynamic=False``: one static graph per input shape (see
-    :class:`PagedStep`).
+    :class:`PagedStep`). ``in_place`` (default: where the model's cache writes can,
+    :func:`mindformers_ext.cache.can_write_in_place`): the step writes into the cache tensors it is given
+    and returns ``(logits,)``; otherwise ``(logits, *updated cache)``, a new copy of every cache tensor
+    (what the MindIR exporter compiles).
     """
 
-    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool, dynamic: bool = True) -> None:
+    def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool, dynamic: bool = True,
+                 in_place: Optional[bool] = None) -> None:
         super().__init__()
         self.lm = lm
         self.decode = decode
+        self.in_place = can_write_in_place(lm) if in_place is None else in_place
         if dynamic:
             self.set_inputs(*cached_step_inputs(spec, cache_dtype))
 
+    def prepare(self) -> None:
+        set_cache_writes(self.lm, self.in_place)  # the model's writers take this step's mode when it compiles
+
     def construct(self, input_ids, position_ids, mask, slot, *cache):
         hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, slot, self.decode)
-        return (self.lm.logits(hidden[:, -1:, :]),) + cache
+        logits = self.lm.logits(hidden[:, -1:, :])
+        if self.in_place:  # the writes stay in the graph (a prefill reads none of them)
+            return (ops.depend(logits, cache),)
+        return (logits,) + cache
 
 
 class PagedStep(Step):

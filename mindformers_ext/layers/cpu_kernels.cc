@@ -1,14 +1,24 @@
+// CPU operators in MindSpore's AOT custom-operator calling convention (mindformers_ext/layers/cpu_kernels.py).
+//
 // out[r, :] = w[idx[r]] @ x[r, :] for every row r: a matrix-vector product with the weight matrix that
-// idx picks from a stack, read where it lies (MindSpore's AOT custom-operator calling convention).
+// idx picks from a stack, read where it lies (MoE decode):
 //
 //   IndexedMatmul:     x (R, D) float32, w (E, O, D) float32, idx (R,) int32 in [0, E)  ->  out (R, O) float32
 //   IndexedMatmulInt8: x (R, D) float32, w (E, O, D) int8, scale (E, O) float32, idx (R,)  ->  out (R, O),
 //                      out[r, o] = scale[idx[r], o] * (w[idx[r], o] . x[r])  (W8A16)
 //
 // Rows are taken expert by expert, so a weight matrix is read once however many rows use it; each of
-// its rows is multiplied with all of them while it is in the cache. The *InferShape functions give the
-// output shape (MindSpore's C++ shape inference, which dynamic-shape graphs need).
+// its rows is multiplied with all of them while it is in the cache.
+//
+//   CacheWrite: cache (B, H, T, D), new (B, H, S, D) of the same dtype, slot (B,) int32  ->  done (1,) int32,
+//               cache[b, h, slot[b] + j] = new[b, h, j] written into the cache input's own memory (the KV
+//               cache's in-place write; the caller orders its reads of the cache after `done`).
+//
+// The *InferShape functions give the output shape (MindSpore's C++ shape inference, which dynamic-shape
+// graphs need). A nonzero return (bad shapes, an index out of range) fails the graph call.
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
 
 // Four output rows at a time: four independent sums, so the vectorised loop (-O3 -ffast-math) is not
@@ -90,6 +100,41 @@ extern "C" int IndexedMatmulInt8(int nparam, void **params, int *ndims, int64_t 
              static_cast<float *>(params[4]), shapes[0][0], shapes[0][1], shapes[1][0], shapes[1][1]);
 }
 
+static int64_t ElementSize(const char *dtype) {
+  const std::string name(dtype);
+  if (name == "float32" || name == "int32") return 4;
+  if (name == "float16" || name == "bfloat16") return 2;
+  if (name == "int8" || name == "uint8") return 1;
+  return 0;
+}
+
+extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 1) return 1;
+  const int64_t *cache = shapes[0], *add = shapes[1];
+  const int64_t batch = cache[0], heads = cache[1], capacity = cache[2], seq = add[2];
+  const int64_t bytes = ElementSize(dtypes[0]) * cache[3];
+  if (bytes == 0 || std::string(dtypes[0]) != dtypes[1] || add[0] != batch || add[1] != heads ||
+      add[3] != cache[3] || shapes[2][0] != batch)
+    return 1;
+  char *dst = static_cast<char *>(params[0]);
+  const char *src = static_cast<const char *>(params[1]);
+  const int32_t *slot = static_cast<const int32_t *>(params[2]);
+  for (int64_t b = 0; b < batch; ++b) {
+    if (slot[b] < 0 || slot[b] + seq > capacity) return 2;  // before any write: a failed call changes nothing
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      std::memcpy(dst + ((b * heads + h) * capacity + slot[b]) * bytes, src + (b * heads + h) * seq * bytes,
+                  seq * bytes);
+    }
+  }
+  *static_cast<int32_t *>(params[3]) = 0;
+  return 0;
+}
+
 class AotExtra;
 
 extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
@@ -100,4 +145,11 @@ extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **sh
 
 extern "C" std::vector<int64_t> IndexedMatmulInt8InferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
   return IndexedMatmulInferShape(ndims, shapes, extra);
+}
+
+extern "C" std::vector<int64_t> CacheWriteInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  (void)ndims;
+  (void)shapes;
+  (void)extra;
+  return {1};
 }
