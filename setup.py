@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["mindformers_ext", "mindformers_ext.*", "research", "research.*"]),
     include_package_data=True,
     package_data={
-        "mindformers_ext": ["tokenizers/data/*/*", "assets/demo/*", "layers/*.cc"],
+        "mindformers_ext": ["tokenizers/data/*/*", "assets/demo/*", "cpu_kernels.cc"],
         "research": ["*/*.yaml"],
     },
     install_requires=[

@@ -121,8 +121,7 @@ def cached_heldout_loss(network, chunks: np.ndarray) -> float:
                                    *cache.tensors)
     losses = []
     for pos in range(1, length):
-        logits = out[0].asnumpy()[:, -1, :].astype(np.float64)
-        cache.update(out[1:])
+        logits = cache.take_step_output(out).asnumpy()[:, -1, :].astype(np.float64)
         peak = logits.max(-1, keepdims=True)
         log_z = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
         losses.append(log_z - logits[np.arange(batch), ids[:, pos]])

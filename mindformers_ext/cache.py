@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from mindformers_ext.layers.cpu_kernels import cache_write_op
+from mindformers_ext.cpu_kernels import cache_write_op
 
 MASK_VALUE = -1e9
 
@@ -82,7 +82,7 @@ class CacheWriter(nn.Cell):
 
     * functional (``TensorScatterUpdate``, the default and what MindIR exports hold): a new cache tensor,
       which the step returns; every step copies every cache tensor whole, which grows with the capacity;
-    * in place (CPU, :func:`mindformers_ext.layers.cpu_kernels.cache_write_op`): the new tokens go into the
+    * in place (CPU, :func:`mindformers_ext.cpu_kernels.cache_write_op`): the new tokens go into the
       input cache's own memory and the step returns nothing of the cache.
 
     Paged (:class:`PagedKVCache`): ``slot`` is the pair ``(positions (B, S), table (B, L))`` and
@@ -124,7 +124,7 @@ def set_cache_writes(model: nn.Cell, in_place: bool) -> None:
     graphs compiled from now on (a graph keeps the mode it was compiled with)."""
     if in_place and not can_write_in_place(model):
         raise ValueError("in-place cache writes need the CPU cache-write operator "
-                         "(mindformers_ext.layers.cpu_kernels.cache_write_op), which does not run here")
+                         "(mindformers_ext.cpu_kernels.cache_write_op), which does not run here")
     for _, cell in model.cells_and_names():
         if isinstance(cell, CacheWriter):
             cell.in_place = in_place
@@ -229,7 +229,8 @@ class KVCache:
 
     Rows are left-padded, so every row writes its next token at the same slot; ``valid`` records
     which slots hold real tokens (prompt padding never does). A step graph that writes in place changes
-    ``tensors`` themselves; a functional one returns updated tensors, which replace them (:meth:`update`).
+    ``tensors`` themselves; a functional one returns updated tensors, which replace them
+    (:meth:`take_step_output`).
     """
 
     def __init__(self, spec: CacheSpec, batch: int, capacity: int, dtype=ms.float32) -> None:
@@ -267,6 +268,13 @@ class KVCache:
         if len(tensors) != self.spec.num_tensors:
             raise ValueError(f"expected {self.spec.num_tensors} cache tensors, got {len(tensors)}")
         self.tensors = tuple(tensors)
+
+    def take_step_output(self, out: Sequence[Tensor]) -> Tensor:
+        """The logits of a step's output ``(logits, *cache)``: the updated cache tensors a functional step
+        returns replace :attr:`tensors` (a step that writes in place returns only the logits)."""
+        if len(out) > 1:
+            self.update(out[1:])
+        return out[0]
 
 
 class PagedKVCache:

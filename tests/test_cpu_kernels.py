@@ -1,4 +1,4 @@
-"""The CPU kernels (layers/cpu_kernels.cc): the product of each row with the expert matrix it picks (MoE decode),
+"""The CPU kernels (cpu_kernels.cc): the product of each row with the expert matrix it picks (MoE decode),
 and the KV cache's in-place write, against numpy."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from mindformers_ext.layers import cpu_kernels
+from mindformers_ext import cpu_kernels
 
 
 class _Apply(nn.Cell):

@@ -189,8 +189,8 @@ def test_kv_cache_holds_the_latent_only(tiny):
     pos = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
     cache = KVCache(ours.cache_spec(), batch, width)
     mask, slot = cache.prefill(np.ones((batch, width), bool))
-    out = ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), mask, slot, *cache.tensors)
-    caches = out[1:]
+    cache.take_step_output(ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), mask, slot, *cache.tensors))
+    caches = cache.tensors
     assert len(caches) == cfg["num_hidden_layers"]  # one tensor per layer (no separate K and V)
     per_token_layer = sum(c.nbytes for c in caches) / (batch * width * len(caches)) / 4  # float32 values
     assert per_token_layer == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 24

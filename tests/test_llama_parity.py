@@ -168,11 +168,10 @@ def test_cache_tensors_hold_hf_keys_and_values(pairs, in_place):
     tokens = ids
     for step in range(steps + 1):
         assert len(out) == (1 if in_place else 1 + spec.num_tensors)
-        if not in_place:
-            cache.update(out[1:])
+        logits = cache.take_step_output(out)
         if step == steps:
             break
-        last = out[0].asnumpy()[:, -1].argmax(-1).astype(np.int32)[:, None]
+        last = logits.asnumpy()[:, -1].argmax(-1).astype(np.int32)[:, None]
         tokens = np.concatenate([tokens, last], 1)
         mask, slot = cache.next_slot()
         pos = np.full((2, 1), prompt_len + step, np.int32)

@@ -200,18 +200,13 @@ class DecodingMixin:
         for step in range(max_new):
             if use_past and step == 0:
                 mask, slot = cache.prefill(valid)
-                out = self._step("prefill")(Tensor(ids), Tensor(positions), mask, slot, *cache.tensors)
-                logits = out[0]
-                if len(out) > 1:  # a functional step: the updated cache (in place: nothing)
-                    cache.update(out[1:])
+                logits = cache.take_step_output(self._step("prefill")(Tensor(ids), Tensor(positions), mask, slot,
+                                                                      *cache.tensors))
             elif use_past:
                 mask, slot = cache.next_slot()
                 pos = (lengths + step - 1)[:, None].astype(np.int32)
-                out = self._step("static_decode" if static else "decode")(Tensor(last[:, None]), Tensor(pos), mask,
-                                                                          slot, *cache.tensors)
-                logits = out[0]
-                if len(out) > 1:
-                    cache.update(out[1:])
+                step = self._step("static_decode" if static else "decode")
+                logits = cache.take_step_output(step(Tensor(last[:, None]), Tensor(pos), mask, slot, *cache.tensors))
             else:  # recompute the whole sequence each step
                 full_valid = np.concatenate([valid, np.ones((batch, step), bool)], 1)
                 pos = np.concatenate([positions, (lengths[:, None] + np.arange(step)[None]).astype(np.int32)], 1)

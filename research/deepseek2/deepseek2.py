@@ -49,7 +49,7 @@ a capacity-limited one for training:
   MoE and its strategies are the recorded ones;
 * ``decode`` (one token per row): on CPU with float32 weights (or their W8A16 int8 values and scales)
   each assignment is multiplied by its expert's weights where they lie
-  (:func:`mindformers_ext.layers.cpu_kernels.indexed_matmul_op`, a small C++ operator: each chosen expert read once;
+  (:func:`mindformers_ext.cpu_kernels.indexed_matmul_op`, a small C++ operator: each chosen expert read once;
   ds2-moe-150m at batch 1: 37 -> 50 tokens/s). Otherwise (no compiler, bf16 / fp16, Ascend), with
   fewer assignments than experts (N * k < E) the k chosen experts' weights are gathered per token and
   applied as a batched matmul, so a decode step reads k experts per token instead of all E; with
@@ -92,7 +92,7 @@ from mindformers_ext.cache import CacheSpec, CachedTensor
 from mindformers_ext.counters import COUNTERS, MOE_DROPPED, new_counter
 from mindformers_ext.layers import (GroupedAttentionCore, Linear, RMSNorm, RotaryDecoderModel, RotaryEmbedding, SwiGLU,
                                     ms_dtype)
-from mindformers_ext.layers.cpu_kernels import indexed_matmul_op
+from mindformers_ext.cpu_kernels import indexed_matmul_op
 from mindformers_ext.layers.rotary import ApplyRotary
 from mindformers_ext.models.causal_lm import CausalLMBase
 from mindformers_ext.parallel.check import ParallelCheckError

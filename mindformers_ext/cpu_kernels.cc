@@ -1,4 +1,4 @@
-// CPU operators in MindSpore's AOT custom-operator calling convention (mindformers_ext/layers/cpu_kernels.py).
+// CPU operators in MindSpore's AOT custom-operator calling convention (mindformers_ext/cpu_kernels.py).
 //
 // out[r, :] = w[idx[r]] @ x[r, :] for every row r: a matrix-vector product with the weight matrix that
 // idx picks from a stack, read where it lies (MoE decode):
