@@ -205,8 +205,8 @@ class DecodingMixin:
             elif use_past:
                 mask, slot = cache.next_slot()
                 pos = (lengths + step - 1)[:, None].astype(np.int32)
-                step = self._step("static_decode" if static else "decode")
-                logits = cache.take_step_output(step(Tensor(last[:, None]), Tensor(pos), mask, slot, *cache.tensors))
+                graph = self._step("static_decode" if static else "decode")
+                logits = cache.take_step_output(graph(Tensor(last[:, None]), Tensor(pos), mask, slot, *cache.tensors))
             else:  # recompute the whole sequence each step
                 full_valid = np.concatenate([valid, np.ones((batch, step), bool)], 1)
                 pos = np.concatenate([positions, (lengths[:, None] + np.arange(step)[None]).astype(np.int32)], 1)
