@@ -30,3 +30,17 @@ def test_exported_graphs_reproduce_eager_greedy_ids(tmp_path):
     # a single prompt of another length reuses the same (dynamic-shape) graphs
     single = exported.generate([prompts[0][:3]], max_new_tokens=8, eos_token_id=[])[0].tolist()
     assert single == eager.generate([prompts[0][:3]], max_new_tokens=8, eos_token_id=[])[0].tolist()
+
+
+def test_export_after_generate_on_the_same_model(tmp_path):
+    """A model whose generate compiled in-place cache writes (CPU) still exports the portable functional
+    graphs: the MindIR returns the updated cache and reproduces the eager greedy ids."""
+    from research.wizardcoder.export_wizardcoder_inc import export_incremental
+
+    model = load_hf_model(make_tiny_bigcode(str(tmp_path / "hf"), seed=5), use_past=True)
+    prompts = [[5, 9, 14, 3], [7, 8]]
+    expected = model.generate(prompts, max_new_tokens=12, eos_token_id=[])
+    assert model._steps()["decode"].in_place  # pylint: disable=protected-access
+    export_incremental(model, str(tmp_path / "inc"))
+    got = MindIRGenerator(str(tmp_path / "inc")).generate(prompts, max_new_tokens=12, eos_token_id=[])
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]

@@ -61,7 +61,8 @@ class Step(nn.Cell):
         return out
 
     def prepare(self) -> None:
-        """Runs before ``Cell.__call__`` compiles (or finds) the graph of a new input signature."""
+        """Runs before ``Cell.__call__`` compiles (or finds) the graph of a new input signature; call it
+        before compiling the step another way (``mindspore.export``)."""
 
 
 class LastLogitsStep(Step):
