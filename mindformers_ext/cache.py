@@ -78,7 +78,7 @@ class CacheWriter(nn.Cell):
 
     cache (B, H, T, D), new (B, H, S, D), slot (B,) int32. Shapes may change from call to call, so one
     compiled graph serves every batch size, prompt length and capacity. Two ways to write, chosen when a
-    step graph is compiled (:func:`set_cache_writes`):
+    step graph is compiled (:func:`mindformers_ext.cpu_kernels.use_cpu_kernels`):
 
     * functional (``TensorScatterUpdate``, the default and what MindIR exports hold): a new cache tensor,
       which the step returns; every step copies every cache tensor whole, which grows with the capacity;
@@ -96,14 +96,14 @@ class CacheWriter(nn.Cell):
         self.update = ops.TensorScatterUpdate()
         self.update_rows = ops.ScatterUpdate()
         self.write_in_place = cache_write_op()  # None where the operator does not run
-        self.in_place = False
+        self.cpu_kernels_enabled = True  # mindformers_ext.cpu_kernels.use_cpu_kernels
 
     def construct(self, cache, new, slot):
         bs, heads, seq, dim = new.shape
         if isinstance(slot, tuple):
             self.update_rows(cache, pool_rows(slot[0], heads), ops.cast(new, cache.dtype))
             return cache
-        if self.in_place:
+        if self.cpu_kernels_enabled and self.write_in_place is not None:
             return ops.depend(cache, self.write_in_place(cache, ops.cast(new, cache.dtype), slot))
         shape = (bs, heads, seq, 1)
         head = ops.broadcast_to(ops.reshape(ops.arange(heads, dtype=ms.int32), (1, -1, 1, 1)), shape)
@@ -117,17 +117,6 @@ def can_write_in_place(model: nn.Cell) -> bool:
     """Whether every contiguous-cache write of ``model`` can run in place (:class:`CacheWriter`)."""
     writers = [cell for _, cell in model.cells_and_names() if isinstance(cell, CacheWriter)]
     return bool(writers) and all(w.write_in_place is not None for w in writers)
-
-
-def set_cache_writes(model: nn.Cell, in_place: bool) -> None:
-    """Make ``model``'s contiguous-cache writes (:class:`CacheWriter`) in place or functional in the step
-    graphs compiled from now on (a graph keeps the mode it was compiled with)."""
-    if in_place and not can_write_in_place(model):
-        raise ValueError("in-place cache writes need the CPU cache-write operator "
-                         "(mindformers_ext.cpu_kernels.cache_write_op), which does not run here")
-    for _, cell in model.cells_and_names():
-        if isinstance(cell, CacheWriter):
-            cell.in_place = in_place
 
 
 def pool_rows(positions, heads: int):

@@ -7,12 +7,15 @@ C++ compiler into a user cache directory and called as AOT custom operators (sta
   at batch 1 the expert weights cross memory three times (read, write, read again), about 9 GB/s of
   useful reads on this project's 2-core CPU against 29 GB/s for a product that reads them in place
   (``GroupedMatmul`` is Ascend's). On float32 weights or W8A16's int8 values with their per-row scales.
+* :func:`decode_attention_op`: a decode step's attention over the KV cache. A batched matmul packs the
+  cached keys and the values into a copy before multiplying; this reads them once, where they lie.
 * :func:`cache_write_op`: the KV cache's write of a step's new tokens into the cache tensor's own memory
   (:class:`mindformers_ext.cache.CacheWriter`). ``TensorScatterUpdate`` returns a new tensor, so every
   step copied every cache tensor whole: 16 caches of (1, 12, 2048, 64) cost 7.3 ms a step against 0.7 ms.
 
 Where an operator cannot run (not CPU, no compiler, other dtypes) or ``MINDFORMERS_EXT_CPU_KERNELS=0`` is
-set, these functions return None and callers keep the stock operators. Inference only: no gradients.
+set, these functions return None and callers keep the stock operators; :func:`use_cpu_kernels` keeps a
+model's next graphs to stock operators (a portable export). Inference only: no gradients.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ import tempfile
 from typing import Optional
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
-__all__ = ["indexed_matmul_op", "cache_write_op"]
+__all__ = ["indexed_matmul_op", "cache_write_op", "decode_attention_op", "use_cpu_kernels"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=0")
@@ -115,3 +118,20 @@ def cache_write_op() -> Optional[ops.Custom]:
     return _custom("CacheWrite", tuple((dtype, dtype, i32, i32) for dtype in (
         ops.DataType.F32_Default, ops.DataType.F16_Default, ops.DataType.BF16_Default, ops.DataType.I8_Default)),
                    ms.int32)
+
+
+def decode_attention_op() -> Optional[ops.Custom]:
+    """The operator ``(q (B, Hk, G, D), k (B, Hk, T, D), v (B, Hk, T, Dv), mask (B, 1, 1, T)) -> (B, Hk, G, Dv)``:
+    ``softmax(q k^T + mask) v`` for one decode token per row (q already scaled), float32, each cached key
+    and value read once in place. None where it does not run."""
+    f32 = ops.DataType.F32_Default
+    return _custom("DecodeAttention", ((f32, f32, f32, f32, f32),), ms.float32)
+
+
+def use_cpu_kernels(model: nn.Cell, enabled: bool) -> None:
+    """Whether the graphs compiled from now on from ``model`` may run these operators, in every cell that
+    can (an attribute ``cpu_kernels_enabled``, True by default); a graph keeps what it was compiled with.
+    Off: stock operators only, a graph that runs anywhere (what a MindIR export holds)."""
+    for _, cell in model.cells_and_names():
+        if hasattr(cell, "cpu_kernels_enabled"):
+            cell.cpu_kernels_enabled = enabled

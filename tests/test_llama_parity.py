@@ -161,7 +161,7 @@ def test_cache_tensors_hold_hf_keys_and_values(pairs, in_place):
     ids = np.array(_prompts(ours.config.vocab_size, [prompt_len, prompt_len], seed=8), dtype=np.int32)
     cache = KVCache(spec, 2, capacity)
     held = cache.tensors
-    prefill, decode = (CachedStep(ours, spec, ms.float32, decode=d, in_place=in_place) for d in (False, True))
+    prefill, decode = (CachedStep(ours, spec, ms.float32, decode=d, cpu_kernels=in_place) for d in (False, True))
     mask, slot = cache.prefill(np.ones(ids.shape, bool))
     positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), ids.shape)
     out = prefill(ms.Tensor(ids), ms.Tensor(positions), mask, slot, *cache.tensors)

@@ -120,8 +120,8 @@ def test_kv_cache_holds_one_head_for_multi_query(pairs):
         pos = np.tile(np.arange(7, dtype=np.int32), (2, 1))
         cache = KVCache(ours.cache_spec(), 2, 10)
         mask, slot = cache.prefill(np.ones((2, 7), bool))
-        cache.take_step_output(ours._step("prefill")(ms.Tensor(ids), ms.Tensor(pos), mask, slot,  # pylint: disable=W0212
-                                                     *cache.tensors))
+        prefill = ours._step("prefill")  # pylint: disable=protected-access
+        cache.take_step_output(prefill(ms.Tensor(ids), ms.Tensor(pos), mask, slot, *cache.tensors))
         caches = [c.asnumpy() for c in cache.tensors]
         assert len(caches) == 2 * ours.config.num_layers
         assert all(c.shape == (2, heads, 10, ours.config.head_dim) for c in caches), variant

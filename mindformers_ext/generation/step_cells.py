@@ -7,12 +7,11 @@ cached steps can instead be static (one graph per input shape, faster per call):
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindformers_ext.cache import CacheSpec, can_write_in_place, set_cache_writes
+from mindformers_ext.cache import CacheSpec, can_write_in_place
+from mindformers_ext.cpu_kernels import use_cpu_kernels
 
 try:  # MindSpore's graph executor (private): see Step
     from mindspore.graph.api import _cell_graph_executor, _real_phase
@@ -39,10 +38,16 @@ class Step(nn.Cell):
     of the demo model's decode step (bench/paged_step.py: 3.7 -> 2.5 ms at batch 1, 6.0 -> 4.7 ms at 16).
     A new signature still goes through ``Cell.__call__``, which compiles it (or finds it compiled) and
     records which graph it is.
+
+    ``cpu_kernels`` (default True): the graphs may use :mod:`mindformers_ext.cpu_kernels` where they run
+    (the KV cache written in place, the decode attention, the MoE's expert product); False keeps them to
+    stock operators (a portable MindIR export). Applied to the model ``lm`` when a graph is compiled.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lm: nn.Cell, cpu_kernels: bool = True) -> None:
         super().__init__(auto_prefix=False)
+        self.lm = lm
+        self.cpu_kernels = cpu_kernels
         # (phase, shapes and dtypes of the inputs) -> (the compiled graph's phase, the jit config it runs with)
         self._graphs: dict = {}
 
@@ -63,14 +68,14 @@ class Step(nn.Cell):
     def prepare(self) -> None:
         """Runs before ``Cell.__call__`` compiles (or finds) the graph of a new input signature; call it
         before compiling the step another way (``mindspore.export``)."""
+        use_cpu_kernels(self.lm, self.cpu_kernels)  # the model is shared: its cells take this step's setting
 
 
 class LastLogitsStep(Step):
     """No cache: run the whole (left-padded) sequence, return logits of the last position."""
 
     def __init__(self, lm: nn.Cell) -> None:
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.set_inputs(_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32))
 
     def construct(self, input_ids, position_ids, mask):
@@ -86,23 +91,19 @@ class CachedStep(Step):
     cache tensors of :class:`mindformers_ext.cache.KVCache`. ``decode=False`` is the prefill (the
     prompt into an empty cache, mask (B, 1, S, S)); ``decode=True`` attends over the whole cache
     (mask (B, 1, S, capacity)). ``dynamic=False``: one static graph per input shape (see
-    :class:`PagedStep`). ``in_place`` (default: where the model's cache writes can,
-    :func:`mindformers_ext.cache.can_write_in_place`): the step writes into the cache tensors it is given
-    and returns ``(logits,)``; otherwise ``(logits, *updated cache)``, a new copy of every cache tensor
-    (what the MindIR exporter compiles).
+    :class:`PagedStep`). With ``cpu_kernels`` where the model's cache writes can run in place
+    (:func:`mindformers_ext.cache.can_write_in_place`; ``in_place``) the step writes into the cache
+    tensors it is given and returns ``(logits,)``; otherwise ``(logits, *updated cache)``, a new copy of
+    every cache tensor (what the MindIR exporter compiles, with ``cpu_kernels=False``).
     """
 
     def __init__(self, lm: nn.Cell, spec: CacheSpec, cache_dtype, decode: bool, dynamic: bool = True,
-                 in_place: Optional[bool] = None) -> None:
-        super().__init__()
-        self.lm = lm
+                 cpu_kernels: bool = True) -> None:
+        super().__init__(lm, cpu_kernels)
         self.decode = decode
-        self.in_place = can_write_in_place(lm) if in_place is None else in_place
+        self.in_place = cpu_kernels and can_write_in_place(lm)
         if dynamic:
             self.set_inputs(*cached_step_inputs(spec, cache_dtype))
-
-    def prepare(self) -> None:
-        set_cache_writes(self.lm, self.in_place)  # the model's writers take this step's mode when it compiles
 
     def construct(self, input_ids, position_ids, mask, slot, *cache):
         hidden, cache, _ = self.lm.model(input_ids, position_ids, mask, cache, slot, self.decode)
@@ -125,8 +126,7 @@ class PagedStep(Step):
     """
 
     def __init__(self, lm: nn.Cell, pool: tuple, decode: bool, dynamic: bool = True) -> None:
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.decode = decode
         if dynamic:  # the pool's shape is fixed: only the step's tensors vary
             self.set_inputs(_dyn(2, ms.int32), _dyn(2, ms.int32), _dyn(4, ms.float32), _dyn(2, ms.int32),

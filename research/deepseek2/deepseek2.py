@@ -361,6 +361,7 @@ class RoutedExperts(ShardedCell):
         # decode on CPU: the chosen experts' weights read in place (module docstring); None: gathered
         float32 = self.compute_dtype == ms.float32 and dtype == ms.float32
         self.indexed_matmul = indexed_matmul_op() if float32 else None
+        self.cpu_kernels_enabled = True  # mindformers_ext.cpu_kernels.use_cpu_kernels
 
     def quantize_w8a16(self, from_weights: bool = True) -> None:
         """int8 w1 / w2 / w3 with per-expert, per-output-feature scales (weight-only);
@@ -535,7 +536,7 @@ class RoutedExperts(ShardedCell):
         in a static-shape graph with N * k >= E, every expert once in place)."""
         n, k = indices.shape
         flat = ops.reshape(indices, (n * k,))
-        if self.indexed_matmul is not None:  # each chosen expert read once, in place
+        if self.indexed_matmul is not None and self.cpu_kernels_enabled:  # each chosen expert read once, in place
             xk = ops.reshape(ops.broadcast_to(ops.expand_dims(x, 1), (n, k, self.hidden_size)),
                              (n * k, self.hidden_size))
             gate = self._in_place(xk, "w1", flat)

@@ -52,9 +52,9 @@ def export_incremental(model: nn.Cell, output_dir: str) -> dict[str, str]:
     spec = model.cache_spec()
     cache_dtype = ms_dtype(config.compute_dtype)
     for name, decode in ((PREFILL, False), (DECODE, True)):
-        step = CachedStep(model, spec, cache_dtype, decode, in_place=False)  # portable: no CPU-only operator
+        step = CachedStep(model, spec, cache_dtype, decode, cpu_kernels=False)  # portable: stock operators
         step.set_train(False)
-        step.prepare()  # ms.export compiles without Cell.__call__: set the model's writers to this step's mode
+        step.prepare()  # ms.export compiles without Cell.__call__: the model's cells take cpu_kernels=False
         ms.export(step, *cached_step_inputs(spec, cache_dtype),
                   file_name=os.path.join(output_dir, name[:-len(".mindir")]), file_format="MINDIR")
     meta = {
