@@ -14,14 +14,8 @@
 //               cache[b, h, slot[b] + j] = new[b, h, j] written into the cache input's own memory (the KV
 //               cache's in-place write; the caller orders its reads of the cache after `done`).
 //
-//   DecodeAttention: q (B, Hk, G, D), k (B, Hk, T, D), v (B, Hk, T, Dv), mask (B, 1, 1, T), all float32  ->
-//                    out (B, Hk, G, Dv) = softmax(q . k^T + mask) v for the G query heads of each key/value
-//                    head (q already scaled): one decode token per row, the cache's keys and values read
-//                    once, where they lie (a batched matmul packs them into a copy first).
-//
 // The *InferShape functions give the output shape (MindSpore's C++ shape inference, which dynamic-shape
 // graphs need). A nonzero return (bad shapes, an index out of range) fails the graph call.
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -141,58 +135,6 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  (void)dtypes;
-  (void)stream;
-  (void)extra;
-  if (nparam != 5 || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[3] != 4) return 1;
-  const int64_t batch = shapes[0][0], heads = shapes[0][1], group = shapes[0][2], depth = shapes[0][3];
-  const int64_t length = shapes[1][2], width = shapes[2][3];
-  if (shapes[1][0] != batch || shapes[1][1] != heads || shapes[1][3] != depth || shapes[2][0] != batch ||
-      shapes[2][1] != heads || shapes[2][2] != length || shapes[3][0] != batch || shapes[3][1] != 1 ||
-      shapes[3][2] != 1 || shapes[3][3] != length)
-    return 1;
-  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
-  float *out = static_cast<float *>(params[4]);
-  std::vector<float> scores(group * length), top(group), total(group);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float *m = mask + b * length;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float *qh = q + (b * heads + h) * group * depth;
-      const float *kh = k + (b * heads + h) * length * depth, *vh = v + (b * heads + h) * length * width;
-      float *oh = out + (b * heads + h) * group * width;
-      for (int64_t g = 0; g < group; ++g) top[g] = -3.4e38f, total[g] = 0.f;
-      for (int64_t t = 0; t < length; ++t) {  // each key row read once for the group's queries
-        for (int64_t g = 0; g < group; ++g) {
-          const float s = dot(kh + t * depth, qh + g * depth, depth) + m[t];
-          scores[g * length + t] = s;
-          if (s > top[g]) top[g] = s;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float *row = scores.data() + g * length;
-        for (int64_t t = 0; t < length; ++t) total[g] += (row[t] = std::exp(row[t] - top[g]));
-      }
-      for (int64_t i = 0; i < group * width; ++i) oh[i] = 0.f;
-      for (int64_t t = 0; t < length; ++t) {  // each value row read once
-        const float *vt = vh + t * width;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * length + t];
-          float *o = oh + g * width;
-          for (int64_t i = 0; i < width; ++i) o[i] += p * vt[i];
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / total[g];
-        for (int64_t i = 0; i < width; ++i) oh[g * width + i] *= inv;
-      }
-    }
-  }
-  return 0;
-}
-
 class AotExtra;
 
 extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
@@ -210,10 +152,4 @@ extern "C" std::vector<int64_t> CacheWriteInferShape(int *ndims, int64_t **shape
   (void)shapes;
   (void)extra;
   return {1};
-}
-
-extern "C" std::vector<int64_t> DecodeAttentionInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)ndims;
-  (void)extra;
-  return {shapes[0][0], shapes[0][1], shapes[0][2], shapes[2][3]};
 }

@@ -7,8 +7,6 @@ C++ compiler into a user cache directory and called as AOT custom operators (sta
   at batch 1 the expert weights cross memory three times (read, write, read again), about 9 GB/s of
   useful reads on this project's 2-core CPU against 29 GB/s for a product that reads them in place
   (``GroupedMatmul`` is Ascend's). On float32 weights or W8A16's int8 values with their per-row scales.
-* :func:`decode_attention_op`: a decode step's attention over the KV cache. A batched matmul packs the
-  cached keys and the values into a copy before multiplying; this reads them once, where they lie.
 * :func:`cache_write_op`: the KV cache's write of a step's new tokens into the cache tensor's own memory
   (:class:`mindformers_ext.cache.CacheWriter`). ``TensorScatterUpdate`` returns a new tensor, so every
   step copied every cache tensor whole: 16 caches of (1, 12, 2048, 64) cost 7.3 ms a step against 0.7 ms.
@@ -30,7 +28,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["indexed_matmul_op", "cache_write_op", "decode_attention_op", "use_cpu_kernels"]
+__all__ = ["indexed_matmul_op", "cache_write_op", "use_cpu_kernels"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=0")
@@ -118,14 +116,6 @@ def cache_write_op() -> Optional[ops.Custom]:
     return _custom("CacheWrite", tuple((dtype, dtype, i32, i32) for dtype in (
         ops.DataType.F32_Default, ops.DataType.F16_Default, ops.DataType.BF16_Default, ops.DataType.I8_Default)),
                    ms.int32)
-
-
-def decode_attention_op() -> Optional[ops.Custom]:
-    """The operator ``(q (B, Hk, G, D), k (B, Hk, T, D), v (B, Hk, T, Dv), mask (B, 1, 1, T)) -> (B, Hk, G, Dv)``:
-    ``softmax(q k^T + mask) v`` for one decode token per row (q already scaled), float32, each cached key
-    and value read once in place. None where it does not run."""
-    f32 = ops.DataType.F32_Default
-    return _custom("DecodeAttention", ((f32, f32, f32, f32, f32),), ms.float32)
 
 
 def use_cpu_kernels(model: nn.Cell, enabled: bool) -> None:

@@ -1,5 +1,5 @@
 """The CPU kernels (cpu_kernels.cc): the product of each row with the expert matrix it picks (MoE decode),
-the KV cache's in-place write and the decode attention, against numpy."""
+and the KV cache's in-place write, against numpy."""
 import numpy as np
 import pytest
 
@@ -70,7 +70,6 @@ def test_switched_off_or_without_compiler_returns_none(monkeypatch, tmp_path):
     """MINDFORMERS_EXT_CPU_KERNELS=0, or a compiler that does not exist: no operator (the caller gathers)."""
     monkeypatch.setenv("MINDFORMERS_EXT_CPU_KERNELS", "0")
     assert cpu_kernels.indexed_matmul_op() is None and cpu_kernels.cache_write_op() is None
-    assert cpu_kernels.decode_attention_op() is None
     monkeypatch.delenv("MINDFORMERS_EXT_CPU_KERNELS")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -126,37 +125,3 @@ def test_cache_write_past_the_capacity_fails():
         with pytest.raises(RuntimeError):
             net(cache, Tensor(np.ones((1, 2, 2, 3), np.float32)), Tensor(np.array([slot], np.int32)))
     assert not cache.asnumpy().any()
-
-
-class _Attend(nn.Cell):
-    def __init__(self, op):
-        super().__init__()
-        self.op = op
-
-    def construct(self, q, k, v, mask):
-        return self.op(q, k, v, mask)
-
-
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_decode_attention_matches_numpy(dynamic):
-    """softmax(q k^T + mask) v per query head of each key/value head group (GQA: 2 kv heads of 3 queries),
-    masked slots (a padded prompt, the unwritten end of the cache) getting no weight, against float64
-    numpy; the dynamic-shape graph runs at two batch sizes and cache lengths."""
-    op = cpu_kernels.decode_attention_op()
-    assert op is not None, "the CPU kernels did not build (is g++ installed?)"
-    net = _Attend(op)
-    if dynamic:
-        net.set_inputs(*(Tensor(shape=[None] * 4, dtype=ms.float32) for _ in range(4)))
-    rng = np.random.default_rng(3)
-    for batch, length in ((2, 11), (3, 5))[:2 if dynamic else 1]:
-        q = rng.standard_normal((batch, 2, 3, 8)).astype(np.float32)
-        k = rng.standard_normal((batch, 2, length, 8)).astype(np.float32)
-        v = rng.standard_normal((batch, 2, length, 6)).astype(np.float32)
-        mask = np.zeros((batch, 1, 1, length), np.float32)
-        mask[0, ..., :2] = -1e9  # padding in front of row 0's prompt
-        mask[:, ..., length - 1] = -1e9  # a slot not written yet
-        got = net(Tensor(q), Tensor(k), Tensor(v), Tensor(mask)).asnumpy()
-        scores = np.einsum("bhgd,bhtd->bhgt", q.astype(np.float64), k) + mask[:, :, 0, None, :]
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        want = np.einsum("bhgt,bhtd->bhgd", probs / probs.sum(-1, keepdims=True), v)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

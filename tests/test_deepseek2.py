@@ -15,6 +15,7 @@ import torch
 import mindspore as ms
 from mindformers_ext import load_hf_model
 from mindformers_ext.cache import KVCache
+from mindformers_ext.generation.step_cells import CachedStep, cached_step_inputs
 from decode_steps import STEPS, TOLERANCE, generate_with_logits, max_step_error, assert_paged_matches_contiguous
 from deepseek2_reference import (HF_NATIVE, VARIANTS, aux_loss, cross_entropy, make_tiny_deepseek2,
                                  one_torch_thread, reference_forward, reference_greedy, route)
@@ -170,6 +171,28 @@ def test_decode_without_the_cpu_kernel_matches_reference(tmp_path, monkeypatch, 
     sequences, logits = generate_with_logits(ours, prompts, cache_implementation=cache_implementation)
     error = max_step_error(prompts, sequences, logits, lambda ids: reference_forward(state, cfg, ids))
     assert error <= TOLERANCE, f"{cache_implementation}: max abs step-logit error {error:.2e} over {STEPS} steps"
+
+
+def test_step_without_cpu_kernels_exports_to_mindir(tiny, tmp_path):
+    """A decode step built with cpu_kernels=False holds stock operators only (the MoE gathers the chosen
+    experts' weights, the cache is written functionally): its MindIR export names no AOT operator (their
+    compiled library, cpu_kernels-<key>.so, which exists on this machine only). The same model's generate
+    keeps its kernels (compiled before and after)."""
+    ours = tiny["full"][0]
+    prompts = _prompts([5, 9], seed=12)
+    before = ours.generate(prompts, max_new_tokens=4, do_sample=False, eos_token_id=[])
+    spec = ours.cache_spec()
+    step = CachedStep(ours, spec, ms.float32, decode=True, cpu_kernels=False)
+    step.set_train(False)
+    step.prepare()
+    ms.export(step, *cached_step_inputs(spec, ms.float32), file_name=str(tmp_path / "decode"), file_format="MINDIR")
+    with open(tmp_path / "decode.mindir", "rb") as f:
+        graph = f.read()
+    assert b"RoutedExperts" in graph  # the MoE's decode is in the exported graph (its scope names)
+    assert b"Custom" not in graph and b"cpu_kernels-" not in graph
+    after = ours.generate(prompts, max_new_tokens=4, do_sample=False, eos_token_id=[], cache_implementation="static")
+    assert ours._steps()["static_decode"].in_place  # pylint: disable=protected-access
+    assert [a.tolist() for a in after] == [b.tolist() for b in before]
 
 
 def test_left_padded_batch_matches_single_prompts(tiny):

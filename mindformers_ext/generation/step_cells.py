@@ -40,7 +40,7 @@ class Step(nn.Cell):
     records which graph it is.
 
     ``cpu_kernels`` (default True): the graphs may use :mod:`mindformers_ext.cpu_kernels` where they run
-    (the KV cache written in place, the decode attention, the MoE's expert product); False keeps them to
+    (the KV cache written in place, the MoE's expert product); False keeps them to
     stock operators (a portable MindIR export). Applied to the model ``lm`` when a graph is compiled.
     """
 

@@ -7,11 +7,9 @@ order: query head ``h`` reads kv head ``h // group``).
 """
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import ops
 
 from mindformers_ext.cache import MASK_VALUE, CachedKV
-from mindformers_ext.cpu_kernels import decode_attention_op
 from mindformers_ext.layers.linear import ms_dtype
 from mindformers_ext.parallel.shard import ShardedCell
 
@@ -23,8 +21,7 @@ class GroupedAttentionCore(ShardedCell):
 
     Inputs: q (batch, seq, heads, qk_dim); k (batch, kv_heads, kv_len, qk_dim); v (batch, kv_heads,
     kv_len, v_dim); mask (batch, 1, seq, kv_len) additive (0 or MASK_VALUE). Output: (batch, seq,
-    heads * v_dim). ``decode`` (seq 1, attending over a KV cache): on CPU in float32 one kernel
-    (:func:`mindformers_ext.cpu_kernels.decode_attention_op`) computes it, reading the cache once.
+    heads * v_dim).
     """
 
     def __init__(self, heads: int, kv_heads: int, qk_dim: int, v_dim: int, scale: float,
@@ -49,9 +46,6 @@ class GroupedAttentionCore(ShardedCell):
         self.softmax = ops.Softmax(-1)
         self.cast = ops.Cast()
         self.expand = ops.ExpandDims()
-        # decode on CPU in float32: softmax(q k^T + mask) v in one kernel that reads the cache in place
-        self.decode_attention = decode_attention_op() if softmax_compute_type == "float32" else None
-        self.cpu_kernels_enabled = True  # mindformers_ext.cpu_kernels.use_cpu_kernels
 
     def shard(self, dp: int, mp: int) -> None:
         """Split batch and kv heads (each device keeps whole query groups)."""
@@ -64,13 +58,7 @@ class GroupedAttentionCore(ShardedCell):
         self.shard_op("softmax", self.softmax, ((dp, mp, 1, 1),), (scores,))
         self.shard_op("pv", self.pv, ((dp, mp, 1, 1), (dp, mp, 1, 1)), (scores, v), tied=(((0, 3), (1, 2)),))
 
-    def construct(self, q, k, v, mask, decode=False):
-        if (decode and self.cpu_kernels_enabled and self.decode_attention is not None
-                and q.dtype == k.dtype == v.dtype == ms.float32):
-            # one token per row: (B, 1, heads, D) -> (B, kvH, G, D), the cache read in place (CPU kernel)
-            q = self.reshape(self.mul_scale(q, self.scale), (-1, self.kv_heads, self.group, self.qk_dim))
-            out = self.decode_attention(q, k, v, self.cast(mask, ms.float32))
-            return self.reshape(out, (-1, 1, self.heads * self.v_dim))
+    def construct(self, q, k, v, mask):
         bs, seq, _, _ = q.shape
         kv_len = k.shape[2]
         # (B, S, kvH, G, D) -> (B, kvH, G, S, D) -> (B, kvH, G*S, D)

@@ -88,7 +88,7 @@ class CausalSelfAttention(CachedSelfAttention):
         """
         q, k, v = self._project(x, cos, sin)
         entries, k, v = self.kv_cache(cache, k, v, slot, decode)
-        return self.wo(self.core(q, k, v, mask, decode)), entries
+        return self.wo(self.core(q, k, v, mask)), entries
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

@@ -136,7 +136,7 @@ class GPTBigCodeAttention(CachedSelfAttention):
         conventions are the Llama family's (``research.deepseek1_5.deepseek1_5.CausalSelfAttention``)."""
         q, k, v = self._project(x)
         entries, k, v = self.kv_cache(cache, k, v, slot, decode)
-        return self.c_proj(self.core(q, k, v, mask, decode)), entries
+        return self.c_proj(self.core(q, k, v, mask)), entries
 
 
 class GPTBigCodeDecoderLayer(PreNormDecoderLayer):
