@@ -142,7 +142,7 @@ class DecodingMixin:
         stops once its new text contains one), return_dict_in_generate, output_scores, output_logits,
         cache_implementation ("dynamic", default: one dynamic-shape decode graph for every batch and
         length; "static", as HF's static cache: the cache capacity rounded up to a power of two and one
-        static decode graph per (batch, capacity), compiled on first use, 1.2-1.5x as fast per
+        static decode graph per (batch, capacity), compiled on first use, 1.1-1.3x as fast per
         token on CPU).
         Returns one int32 array per prompt: the prompt followed by the generated ids, stopping after
         an end token. With return_dict_in_generate, a ``GenerateOutput`` with ``sequences`` and, as
