@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from mindformers_ext.cpu_kernels import cache_write_op
+from mindformers_ext.cpu_kernels import cache_write_op, dequantize_op
 
 MASK_VALUE = -1e9
 
@@ -156,6 +156,8 @@ class CachedTensor(nn.Cell):
         self.size = 2 if int8 else 1
         self.write_values = CacheWriter()
         self.write_scales = CacheWriter()
+        self.dequantize = dequantize_op() if int8 else None  # the CPU kernel (None elsewhere)
+        self.cpu_kernels_enabled = True  # mindformers_ext.cpu_kernels.use_cpu_kernels
 
     def construct(self, entries, new, slot):
         if not self.int8:
@@ -167,7 +169,11 @@ class CachedTensor(nn.Cell):
         values = self.write_values(entries[0], ops.cast(ops.round(x / scale), ms.int8), slot)
         scales = self.write_scales(entries[1], scale, slot)
         heads = new.shape[1]
-        full = ops.cast(read_cache(values, slot, heads), ms.float32) * read_cache(scales, slot, heads)
+        int8_all, scales_all = read_cache(values, slot, heads), read_cache(scales, slot, heads)
+        if self.cpu_kernels_enabled and self.dequantize is not None:
+            full = self.dequantize(int8_all, scales_all)
+        else:
+            full = ops.cast(int8_all, ms.float32) * scales_all
         return (values, scales), ops.cast(full, new.dtype)
 
 

@@ -14,6 +14,9 @@
 //               cache[b, h, slot[b] + j] = new[b, h, j] written into the cache input's own memory (the KV
 //               cache's in-place write; the caller orders its reads of the cache after `done`).
 //
+//   Dequantize: values (..., D) int8, scales (..., 1) float32  ->  out (..., D) float32 = values * scales, the
+//               int8 KV cache read back (a broadcasting Mul of a dynamic-shape graph takes 10x as long).
+//
 // The *InferShape functions give the output shape (MindSpore's C++ shape inference, which dynamic-shape
 // graphs need). A nonzero return (bad shapes, an index out of range) fails the graph call.
 #include <cstdint>
@@ -135,6 +138,28 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
+extern "C" int Dequantize(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)dtypes;
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || ndims[0] < 1 || ndims[1] != ndims[0] || shapes[1][ndims[1] - 1] != 1) return 1;
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) {
+    if (shapes[1][i] != shapes[0][i]) return 1;
+    rows *= shapes[0][i];
+  }
+  const int64_t depth = shapes[0][ndims[0] - 1];
+  const int8_t *values = static_cast<const int8_t *>(params[0]);
+  const float *scales = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float scale = scales[r];
+    for (int64_t i = 0; i < depth; ++i) out[r * depth + i] = scale * static_cast<float>(values[r * depth + i]);
+  }
+  return 0;
+}
+
 class AotExtra;
 
 extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
@@ -152,4 +177,9 @@ extern "C" std::vector<int64_t> CacheWriteInferShape(int *ndims, int64_t **shape
   (void)shapes;
   (void)extra;
   return {1};
+}
+
+extern "C" std::vector<int64_t> DequantizeInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  (void)extra;
+  return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
 }

@@ -10,6 +10,9 @@ C++ compiler into a user cache directory and called as AOT custom operators (sta
 * :func:`cache_write_op`: the KV cache's write of a step's new tokens into the cache tensor's own memory
   (:class:`mindformers_ext.cache.CacheWriter`). ``TensorScatterUpdate`` returns a new tensor, so every
   step copied every cache tensor whole: 16 caches of (1, 12, 2048, 64) cost 7.3 ms a step against 0.7 ms.
+* :func:`dequantize_op`: the int8 KV cache read back as float32 (values times their per-token scale).
+  The broadcasting ``Mul`` took 37.9 ms for one (8, 16, 1088, 64) cache in a dynamic-shape graph (8.8 ms
+  static), against 3.3 ms for a plain cast.
 
 Where an operator cannot run (not CPU, no compiler, other dtypes) or ``MINDFORMERS_EXT_CPU_KERNELS=0`` is
 set, these functions return None and callers keep the stock operators; :func:`use_cpu_kernels` keeps a
@@ -28,7 +31,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["indexed_matmul_op", "cache_write_op", "use_cpu_kernels"]
+__all__ = ["indexed_matmul_op", "cache_write_op", "dequantize_op", "use_cpu_kernels"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=0")
@@ -117,6 +120,13 @@ def cache_write_op() -> Optional[ops.Custom]:
         ops.DataType.F32_Default, ops.DataType.F16_Default, ops.DataType.BF16_Default, ops.DataType.I8_Default)),
                    ms.int32)
 
+
+
+def dequantize_op() -> Optional[ops.Custom]:
+    """The operator ``(values (..., D) int8, scales (..., 1) float32) -> values * scales`` (float32, the
+    shape of ``values``). None where it does not run."""
+    f32 = ops.DataType.F32_Default
+    return _custom("Dequantize", ((ops.DataType.I8_Default, f32, f32),), ms.float32)
 
 def use_cpu_kernels(model: nn.Cell, enabled: bool) -> None:
     """Whether the graphs compiled from now on from ``model`` may run these operators, in every cell that

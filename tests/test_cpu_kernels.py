@@ -1,5 +1,5 @@
 """The CPU kernels (cpu_kernels.cc): the product of each row with the expert matrix it picks (MoE decode),
-and the KV cache's in-place write, against numpy."""
+the KV cache's in-place write and the int8 cache's dequantization, against numpy."""
 import numpy as np
 import pytest
 
@@ -70,6 +70,7 @@ def test_switched_off_or_without_compiler_returns_none(monkeypatch, tmp_path):
     """MINDFORMERS_EXT_CPU_KERNELS=0, or a compiler that does not exist: no operator (the caller gathers)."""
     monkeypatch.setenv("MINDFORMERS_EXT_CPU_KERNELS", "0")
     assert cpu_kernels.indexed_matmul_op() is None and cpu_kernels.cache_write_op() is None
+    assert cpu_kernels.dequantize_op() is None
     monkeypatch.delenv("MINDFORMERS_EXT_CPU_KERNELS")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -125,3 +126,29 @@ def test_cache_write_past_the_capacity_fails():
         with pytest.raises(RuntimeError):
             net(cache, Tensor(np.ones((1, 2, 2, 3), np.float32)), Tensor(np.array([slot], np.int32)))
     assert not cache.asnumpy().any()
+
+
+class _Dequantize(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, values, scales):
+        return self.op(values, scales)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dequantize_matches_numpy(dynamic):
+    """int8 values times their row's scale, for cache-shaped (B, H, T, D) and gathered paged (B, H, L, D)
+    inputs; the dynamic-shape graph runs at two shapes."""
+    op = cpu_kernels.dequantize_op()
+    assert op is not None, "the CPU kernels did not build (is g++ installed?)"
+    net = _Dequantize(op)
+    if dynamic:
+        net.set_inputs(Tensor(shape=[None] * 4, dtype=ms.int8), Tensor(shape=[None] * 4, dtype=ms.float32))
+    rng = np.random.default_rng(4)
+    for shape in ((2, 3, 7, 5), (1, 1, 4, 9))[:2 if dynamic else 1]:
+        values = rng.integers(-127, 128, size=shape).astype(np.int8)
+        scales = rng.uniform(0.001, 0.1, size=shape[:-1] + (1,)).astype(np.float32)
+        got = net(Tensor(values), Tensor(scales)).asnumpy()
+        np.testing.assert_allclose(got, values.astype(np.float64) * scales, rtol=1e-6)
