@@ -77,11 +77,8 @@ static int Run(const float *x, const W *w, const float *scale, const int32_t *id
   return 0;
 }
 
-extern "C" int IndexedMatmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                             void *stream, void *extra) {
-  (void)dtypes;
-  (void)stream;
-  (void)extra;
+extern "C" int IndexedMatmul(int nparam, void **params, int *ndims, int64_t **shapes, const char ** /*dtypes*/,
+                             void * /*stream*/, void * /*extra*/) {
   if (nparam != 4 || ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 1 || ndims[3] != 2) return 1;
   if (shapes[1][2] != shapes[0][1] || shapes[2][0] != shapes[0][0]) return 1;
   return Run(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), nullptr,
@@ -89,11 +86,8 @@ extern "C" int IndexedMatmul(int nparam, void **params, int *ndims, int64_t **sh
              shapes[1][0], shapes[1][1]);
 }
 
-extern "C" int IndexedMatmulInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                 void *stream, void *extra) {
-  (void)dtypes;
-  (void)stream;
-  (void)extra;
+extern "C" int IndexedMatmulInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char ** /*dtypes*/,
+                                 void * /*stream*/, void * /*extra*/) {
   if (nparam != 5 || ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 2 || ndims[3] != 1 || ndims[4] != 2) return 1;
   if (shapes[1][2] != shapes[0][1] || shapes[2][0] != shapes[1][0] || shapes[2][1] != shapes[1][1] ||
       shapes[3][0] != shapes[0][0])
@@ -112,9 +106,7 @@ static int64_t ElementSize(const char *dtype) {
 }
 
 extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+                          void * /*stream*/, void * /*extra*/) {
   if (nparam != 4 || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 1) return 1;
   const int64_t *cache = shapes[0], *add = shapes[1];
   const int64_t batch = cache[0], heads = cache[1], capacity = cache[2], seq = add[2];
@@ -138,11 +130,8 @@ extern "C" int CacheWrite(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-extern "C" int Dequantize(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  (void)dtypes;
-  (void)stream;
-  (void)extra;
+extern "C" int Dequantize(int nparam, void **params, int *ndims, int64_t **shapes, const char ** /*dtypes*/,
+                          void * /*stream*/, void * /*extra*/) {
   if (nparam != 3 || ndims[0] < 1 || ndims[1] != ndims[0] || shapes[1][ndims[1] - 1] != 1) return 1;
   int64_t rows = 1;
   for (int i = 0; i + 1 < ndims[0]; ++i) {
@@ -162,9 +151,7 @@ extern "C" int Dequantize(int nparam, void **params, int *ndims, int64_t **shape
 
 class AotExtra;
 
-extern "C" std::vector<int64_t> IndexedMatmulInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)ndims;
-  (void)extra;
+extern "C" std::vector<int64_t> IndexedMatmulInferShape(int * /*ndims*/, int64_t **shapes, AotExtra * /*extra*/) {
   return {shapes[0][0], shapes[1][1]};
 }
 
@@ -172,14 +159,10 @@ extern "C" std::vector<int64_t> IndexedMatmulInt8InferShape(int *ndims, int64_t 
   return IndexedMatmulInferShape(ndims, shapes, extra);
 }
 
-extern "C" std::vector<int64_t> CacheWriteInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)ndims;
-  (void)shapes;
-  (void)extra;
+extern "C" std::vector<int64_t> CacheWriteInferShape(int * /*ndims*/, int64_t ** /*shapes*/, AotExtra * /*extra*/) {
   return {1};
 }
 
-extern "C" std::vector<int64_t> DequantizeInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  (void)extra;
+extern "C" std::vector<int64_t> DequantizeInferShape(int *ndims, int64_t **shapes, AotExtra * /*extra*/) {
   return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
 }
