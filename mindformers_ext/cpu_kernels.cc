@@ -15,7 +15,7 @@
 //               cache's in-place write; the caller orders its reads of the cache after `done`).
 //
 //   Dequantize: values (..., D) int8, scales (..., 1) float32  ->  out (..., D) float32 = values * scales, the
-//               int8 KV cache read back (a broadcasting Mul of a dynamic-shape graph takes 10x as long).
+//               int8 KV cache read back (a broadcasting Mul in a dynamic-shape graph takes 10x as long as a cast).
 //
 // The *InferShape functions give the output shape (MindSpore's C++ shape inference, which dynamic-shape
 // graphs need). A nonzero return (bad shapes, an index out of range) fails the graph call.
@@ -97,11 +97,12 @@ extern "C" int IndexedMatmulInt8(int nparam, void **params, int *ndims, int64_t 
              static_cast<float *>(params[4]), shapes[0][0], shapes[0][1], shapes[1][0], shapes[1][1]);
 }
 
+// Bytes per element of the cache dtypes CacheWrite is registered for (cpu_kernels.cache_write_op), else 0.
 static int64_t ElementSize(const char *dtype) {
   const std::string name(dtype);
-  if (name == "float32" || name == "int32") return 4;
+  if (name == "float32") return 4;
   if (name == "float16" || name == "bfloat16") return 2;
-  if (name == "int8" || name == "uint8") return 1;
+  if (name == "int8") return 1;
   return 0;
 }
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from mindformers_ext import load_hf_model
-from research.wizardcoder.export_wizardcoder_inc import DECODE, META, PREFILL, MindIRGenerator, main
+from research.wizardcoder.export_wizardcoder_inc import DECODE, META, PREFILL, MindIRGenerator, export_incremental, main
 from wizardcoder_util import make_tiny_bigcode
 
 
@@ -35,8 +35,6 @@ def test_exported_graphs_reproduce_eager_greedy_ids(tmp_path):
 def test_export_after_generate_on_the_same_model(tmp_path):
     """A model whose generate compiled in-place cache writes (CPU) still exports the portable functional
     graphs: the MindIR returns the updated cache and reproduces the eager greedy ids."""
-    from research.wizardcoder.export_wizardcoder_inc import export_incremental
-
     model = load_hf_model(make_tiny_bigcode(str(tmp_path / "hf"), seed=5), use_past=True)
     prompts = [[5, 9, 14, 3], [7, 8]]
     expected = model.generate(prompts, max_new_tokens=12, eos_token_id=[])
